@@ -1,0 +1,77 @@
+"""One entry point for every data set kind: ``build_dataset(kind, root, split, transform, ...)``.
+
+Job configs name a kind and a root; this maps them to the builder of that kind, so the
+engine and the platform never branch on data set formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .coco import build_coco
+from .datasets import MultiLabelDataset, check_on_bad_image
+from .manifest import build_manifest
+from .nuswide import build_nuswide
+from .synthetic import SyntheticShapes
+from .voc import build_voc
+
+
+def build_synthetic(
+    root: str | Path | None,
+    split: str,
+    transform: Callable[..., Any] | None = None,
+    categories: Sequence[str] | None = None,
+    on_bad_image: str = "error",
+    num_images: int = 1000,
+    **kwargs: Any,
+) -> SyntheticShapes:
+    """:class:`SyntheticShapes` under the common builder signature; ``root`` is unused (nothing on disk).
+
+    ``kwargs`` go to :class:`SyntheticShapes` (``image_size``, ``num_classes``, ``min_objects``,
+    ``max_objects``, ``seed``); ``split`` picks the random stream, so train and test differ.
+    """
+    check_on_bad_image(on_bad_image)
+    return SyntheticShapes(num_images, transform=transform, split=split, categories=categories, **kwargs)
+
+
+DATASET_BUILDERS: dict[str, Callable[..., MultiLabelDataset]] = {
+    "coco": build_coco,
+    "manifest": build_manifest,
+    "nuswide": build_nuswide,
+    "synthetic": build_synthetic,
+    "voc": build_voc,
+}
+DATASET_KINDS: tuple[str, ...] = tuple(sorted(DATASET_BUILDERS))
+
+
+def build_dataset(
+    kind: str,
+    root: str | Path | None,
+    split: str,
+    transform: Callable[..., Any] | None = None,
+    categories: Sequence[str] | None = None,
+    on_bad_image: str = "error",
+    **kwargs: Any,
+) -> MultiLabelDataset:
+    """Build a :class:`MultiLabelDataset` of the given kind.
+
+    Args:
+        kind: one of :data:`DATASET_KINDS` (``coco``, ``manifest``, ``nuswide``, ``synthetic``, ``voc``).
+        root: the data set's folder (for ``manifest``, the folder or the manifest file; unused by ``synthetic``).
+        split: ``train``, ``val``, ``test``, ``trainval`` ... as the kind understands it.
+        transform: applied to each RGB PIL image (see :func:`build_transforms`).
+        categories: category names in column order; default the kind's own list.
+        on_bad_image: ``"error"`` or ``"skip"`` (see :class:`MultiLabelDataset`).
+        kwargs: kind-specific options, e.g. ``annotation_file``/``image_dir`` (coco),
+            ``difficult``/``year`` (voc), ``image_list``/``label_file``/``concepts_file`` (nuswide),
+            ``manifest`` (manifest), ``num_images``/``seed``/``image_size`` (synthetic).
+
+    Raises:
+        ValueError: an unknown kind (the message lists the valid ones) or ``on_bad_image``.
+    """
+    builder = DATASET_BUILDERS.get(kind)
+    if builder is None:
+        raise ValueError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(DATASET_KINDS)}")
+    return builder(root, split, transform=transform, categories=categories, on_bad_image=on_bad_image, **kwargs)

@@ -1,0 +1,227 @@
+"""Experiment configuration and the in-process pipeline: data, mask, model, loss, optimiser, fit.
+
+``ExperimentConfig`` is what a job YAML holds (``jobs/*.yaml``); the platform extends it with Ray sections.
+``fit`` runs a whole experiment in this process (demo, tests, the benchmark's baseline); the Ray Train
+worker reuses ``prepare_data``, ``build_components`` and the ``engine`` loops, so both paths train identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import engine
+from .checkpoint import save_checkpoint
+from .config import ConfigError, field, in_unit_interval, non_negative, positive, to_dict
+from .data import (
+    DATASET_KINDS,
+    MultiLabelDataset,
+    build_dataset,
+    build_transforms,
+    collate_skip_bad,
+    load_mask,
+    make_partial_labels,
+    save_mask,
+    train_val_split,
+)
+from .factory import ModelConfig, create_model, get_model_config
+from .losses import LOSSES, build_loss
+from .sarl import SARLModel
+
+MASK_FILE = "partial_labels.npz"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    kind: str = field("synthetic", choices=DATASET_KINDS)
+    root: str | None = None  # data set folder (local path; the platform also accepts s3:// URIs)
+    train_split: str = "train"
+    test_split: str = "test"
+    categories: list[str] | None = None  # column order; default: the data set's own list
+    # Known-label proportion p of the MLR-PL protocol: each (image, class) entry kept with probability p.
+    known_proportion: float = field(0.3, check=in_unit_interval())
+    mask_seed: int = 0
+    # Validation split carved from the (partially labelled) training set, used for model selection.
+    val_fraction: float = field(0.1, check=(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
+    split_seed: int = 0
+    augment: str = field("standard", choices=("standard", "none"))
+    on_bad_image: str = field("error", choices=("error", "skip"))
+    num_workers: int = field(2, check=non_negative())
+    options: dict = field(default_factory=dict)  # kind-specific: num_images, seed, annotation_file, ...
+
+
+@dataclasses.dataclass
+class LossConfig:
+    name: str = field("asl", choices=tuple(LOSSES))
+    params: dict = field(default_factory=dict)  # e.g. {gamma_neg: 2, gamma_pos: 1, margin: 0.05}
+    completion: dict | None = None  # label completion: {warmup_epochs, t_pos, t_neg, weight}
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = field("sgd", choices=("sgd", "adamw"))
+    lr: float = field(0.002, check=positive())
+    weight_decay: float = field(5e-4, check=non_negative())
+    momentum: float = field(0.9, check=non_negative())
+    scheduler: str = field("cosine", choices=("cosine", "constant"))
+    warmup_epochs: float = field(0.0, check=non_negative())
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = field(50, check=positive())
+    batch_size: int = field(32, check=positive())
+    eval_batch_size: int = field(64, check=positive())
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    grad_clip: float | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "sarl"
+    # The architecture: {name: tiny|rn50|rn101|vitb16|..., any ModelConfig field: value}.
+    model: dict = field(default_factory=lambda: {"name": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        self.model = {"name": "tiny", **self.model}  # a model section without a name means the tiny default
+        self.model_config()  # unknown model names or fields fail now, not inside a worker
+        try:
+            build_loss(self.loss.name, completion=self.loss.completion, **self.loss.params)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"loss: {exc}") from None
+
+    def model_config(self) -> ModelConfig:
+        overrides = dict(self.model)
+        return get_model_config(overrides.pop("name"), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclasses.dataclass
+class Splits:
+    train: MultiLabelDataset
+    val: MultiLabelDataset | None
+    test: MultiLabelDataset
+    categories: list[str]
+
+
+def prepare_data(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Splits:
+    """Train (partial labels), validation (carved from train, same partial labels) and test (complete) sets.
+
+    The partial-label mask is drawn once from ``data.mask_seed`` and saved as ``run_dir/partial_labels.npz``;
+    when that file exists it is loaded instead, so a resumed run or another method sees the same mask.
+    """
+    d, mcfg = cfg.data, cfg.model_config()
+    train_tf = build_transforms(mcfg.image_size, mcfg.mean, mcfg.std, train=True, augment=d.augment)
+    eval_tf = build_transforms(mcfg.image_size, mcfg.mean, mcfg.std, train=False)
+    options = dict(d.options)
+    train = build_dataset(d.kind, d.root, d.train_split, transform=train_tf, categories=d.categories,
+                          on_bad_image=d.on_bad_image, **options)
+    test = build_dataset(d.kind, d.root, d.test_split, transform=eval_tf, categories=train.categories,
+                         on_bad_image=d.on_bad_image, **options)
+    mask_path = Path(run_dir) / MASK_FILE if run_dir is not None else None
+    if mask_path is not None and mask_path.is_file():
+        partial, meta = load_mask(mask_path)
+        if partial.shape != train.labels.shape or meta.get("proportion") != d.known_proportion:
+            raise ValueError(f"{mask_path} was saved for shape {meta.get('shape')} and p={meta.get('proportion')}, "
+                             f"not {list(train.labels.shape)} and p={d.known_proportion}")
+    else:
+        partial = make_partial_labels(train.labels, d.known_proportion, d.mask_seed)
+        if mask_path is not None:
+            save_mask(mask_path, partial, {"proportion": d.known_proportion, "seed": d.mask_seed,
+                                           "dataset": d.kind, "categories": train.categories})
+    train = train.with_labels(partial)
+    val = None
+    if d.val_fraction > 0:
+        train_idx, val_idx = train_val_split(len(train), d.val_fraction, d.split_seed)
+        val = train.subset(val_idx).with_transform(eval_tf)
+        train = train.subset(train_idx)
+    return Splits(train, val, test, list(train.categories))
+
+
+def make_loader(dataset: MultiLabelDataset, batch_size: int, shuffle: bool, num_workers: int,
+                seed: int = 0, drop_last: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_skip_bad, drop_last=drop_last, generator=generator,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def build_components(cfg: ExperimentConfig, categories: list[str], steps_per_epoch: int):
+    """Model, loss, optimiser and per-step scheduler for an experiment."""
+    model = create_model(cfg.model_config(), categories)
+    loss_fn = build_loss(cfg.loss.name, completion=cfg.loss.completion, **cfg.loss.params)
+    o = cfg.optim
+    optimizer = engine.build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
+    total = steps_per_epoch * cfg.train.epochs
+    scheduler = engine.build_scheduler(optimizer, o.scheduler, total, int(o.warmup_epochs * steps_per_epoch))
+    return model, loss_fn, optimizer, scheduler
+
+
+def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device = "cpu",
+        log: Any = print) -> dict[str, Any]:
+    """Train in this process, select the epoch with the best validation mAP, evaluate it on the test set.
+
+    Writes ``config.yaml``, the mask, ``history.json``, ``best/`` (checkpoint) and ``results.json`` to ``run_dir``.
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    seed_everything(cfg.train.seed)
+    splits = prepare_data(cfg, run_dir)
+    t = cfg.train
+    train_loader = make_loader(splits.train, t.batch_size, True, cfg.data.num_workers, t.seed, drop_last=True)
+    val_loader = make_loader(splits.val or splits.test, t.eval_batch_size, False, cfg.data.num_workers)
+    test_loader = make_loader(splits.test, t.eval_batch_size, False, cfg.data.num_workers)
+    model, loss_fn, optimizer, scheduler = build_components(cfg, splits.categories, len(train_loader))
+    model.to(device)
+    best, history, start = None, [], time.perf_counter()
+    for epoch in range(1, t.epochs + 1):
+        stats = engine.train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, scheduler,
+                                       amp=t.amp, grad_clip=t.grad_clip, progress=t.progress,
+                                       desc=f"{cfg.name} epoch {epoch}/{t.epochs}")
+        val = engine.evaluate(model, val_loader, device, amp=t.amp, progress=t.progress, desc="validate")
+        history.append({"epoch": epoch, "loss": stats["loss"], "val_mAP": val["mAP"],
+                        "samples_per_s": stats["samples_per_s"]})
+        log(f"[{cfg.name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  val mAP {val['mAP']:.2f}")
+        if best is None or val["mAP"] > best["val_mAP"]:
+            best = {"epoch": epoch, "val_mAP": val["mAP"]}
+            save_checkpoint(model, run_dir / "best", extra={"epoch": epoch, "val_mAP": val["mAP"]})
+    from .checkpoint import load_checkpoint
+
+    best_model = load_checkpoint(run_dir / "best").to(device)
+    test = engine.evaluate(best_model, test_loader, device, amp=t.amp, progress=t.progress, desc="test")
+    results = {"name": cfg.name, "best_epoch": best["epoch"], "val_mAP": best["val_mAP"], "test": test,
+               "categories": splits.categories, "train_seconds": time.perf_counter() - start}
+    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def is_sarl_model(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "module", model), SARLModel)

@@ -1,0 +1,128 @@
+"""Category prompts through the frozen CLIP text encoder (SARL.md step 4).
+
+``PromptLearner`` places M learnable context vectors in front of each category's name tokens
+(``[SOT] ctx_1 ... ctx_M name . [EOT]``) and runs the result through CLIP's text transformer:
+- ``class_specific``: one context per category (SARL), ``shared``: one context for all (CoOp),
+  ``handcrafted``: no learnt context, the fixed prompt ``"a photo of a {name}."``.
+- ``negative_prompts``: a second context set gives DualCoOp's negative prompt t_c-.
+
+The text transformer is causal and pools at the EOT token, so tokens after the longest EOT never influence the
+result; sequences are cut there (exact, and 3-4x less work than CLIP's 77 positions).
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.model import CLIP
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+_TOKENIZER: SimpleTokenizer | None = None
+HANDCRAFTED = "a photo of a {name}."
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
+    """CLIP BPE tokens (bundled vocabulary, no download)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = SimpleTokenizer(context_length=context_length)
+    return _TOKENIZER(texts, context_length=context_length)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer over token *embeddings*, so learnt context vectors can be fed in."""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        self.transformer = clip.transformer
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.pool_type = clip.text_pool_type
+        self.eos_id = getattr(clip, "text_eos_id", None)
+        self.context_length = clip.context_length
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+
+    @property
+    def width(self) -> int:
+        return self.token_embedding.embedding_dim
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(tokens)
+
+    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, L, width) embeddings, their (N, L) tokens -> (N, D) text features (unnormalised)."""
+        length = int(tokens.argmax(dim=-1).max()) + 1 if self.pool_type == "argmax" else tokens.shape[1]
+        x = embeddings[:, :length] + self.positional_embedding[:length].to(embeddings.dtype)
+        mask = self.attn_mask[:length, :length] if self.attn_mask is not None else None
+        x = self.ln_final(self.transformer(x, attn_mask=mask))
+        x = text_global_pool(x, tokens[:, :length], self.pool_type, eos_token_id=self.eos_id)
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection if self.text_projection is not None else x
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Features of plain sentences (handcrafted prompts, CLIP-text semantics)."""
+        device = self.token_embedding.weight.device
+        tokens = tokenize(texts, self.context_length).to(device)
+        return self.forward(self.embed(tokens), tokens)
+
+
+class PromptLearner(nn.Module):
+    """Learnt prompt context per category; ``forward()`` returns text features t_c (C, D) (and t_c- if negative)."""
+
+    def __init__(self, text: TextEncoder, names: list[str], mode: str = "class_specific", n_ctx: int = 16,
+                 ctx_init: str | None = "a photo of a", negative: bool = False):
+        super().__init__()
+        self.text = text
+        self.mode = mode
+        self.n_ctx = 0 if mode == "handcrafted" else n_ctx
+        self.negative = negative
+        if mode == "handcrafted":
+            self.ctx = self.neg_ctx = None
+        else:
+            shape = (len(names), n_ctx, text.width) if mode == "class_specific" else (n_ctx, text.width)
+            self.ctx = nn.Parameter(self._init_ctx(shape, ctx_init))
+            self.neg_ctx = nn.Parameter(self._init_ctx(shape, None)) if negative else None
+        self.set_names(names)
+
+    def _init_ctx(self, shape: tuple[int, ...], ctx_init: str | None) -> torch.Tensor:
+        """N(0, 0.02), with the last words replaced by the embedded ``ctx_init`` phrase when given."""
+        ctx = torch.randn(shape) * 0.02
+        if ctx_init:
+            tokens = tokenize([ctx_init], self.text.context_length)
+            n_words = int(tokens.argmax(dim=-1)) - 1
+            n_words = min(n_words, shape[-2])
+            with torch.no_grad():
+                emb = self.text.embed(tokens.to(self.text.token_embedding.weight.device))[0, 1:1 + n_words].cpu()
+            ctx[..., shape[-2] - n_words:, :] = emb
+        return ctx
+
+    def set_names(self, names: list[str]) -> None:
+        """(Re)tokenise category names: ``X``-placeholders for the context, then the name."""
+        self.names = list(names)
+        if self.mode == "handcrafted":
+            texts = [HANDCRAFTED.format(name=n) for n in names]
+        else:
+            texts = [" ".join(["X"] * self.n_ctx) + f" {n}." for n in names]
+        tokens = tokenize(texts, self.text.context_length)
+        self.register_buffer("tokens", tokens.to(self.text.token_embedding.weight.device), persistent=False)
+
+    def _features(self, ctx: torch.Tensor | None) -> torch.Tensor:
+        emb = self.text.embed(self.tokens)
+        if ctx is not None:
+            if ctx.dim() == 2:
+                ctx = ctx.unsqueeze(0).expand(emb.shape[0], -1, -1)
+            emb = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + self.n_ctx:]], dim=1)
+        return self.text(emb, self.tokens)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.ctx is None:  # handcrafted: nothing to learn, never build a graph
+            with torch.no_grad():
+                return self._features(None), None
+        pos = self._features(self.ctx)
+        neg = self._features(self.neg_ctx) if self.neg_ctx is not None else None
+        return pos, neg

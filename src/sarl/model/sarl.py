@@ -1,0 +1,141 @@
+"""``SARLModel``: CLIP towers + semantic decoupling + category prompts + a scoring head.
+
+The three heads share every part, so SARL and its baselines differ only in ``ModelConfig.head``:
+``sarl`` (decoupled category features vs category prompts), ``global`` (CLIP's global embedding vs prompts)
+and ``dualcoop`` (region logits against positive/negative prompts, spatially aggregated).
+
+``forward(images)`` is ``forward_features(*encode_image(images))``: the split lets a feature cache (frozen
+backbone) feed ``forward_features`` directly. Text features do not depend on the image, so outside training
+they are computed once and cached until the weights or the categories change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import VisualEncoder, build_clip
+from .decoupling import SemanticDecoupling
+from .factory import ModelConfig
+from .heads import ScoreHead
+from .prompts import PromptLearner, TextEncoder
+from .vocabulary import Vocabulary, load_word_vectors, semantic_vectors
+
+
+class SARLModel(nn.Module):
+    """Multi-label classifier over ``vocabulary.names``; ``forward(images)`` -> logits (B, C)."""
+
+    def __init__(self, config: ModelConfig, vocabulary: Vocabulary, word_vectors: Any = None,
+                 semantics: torch.Tensor | None = None, load_pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.vocabulary = vocabulary
+        clip = build_clip(config.clip, config.pretrained if load_pretrained else None)
+        self.visual = VisualEncoder(clip.visual)
+        self.text = TextEncoder(clip)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        names = vocabulary.names
+        negative = config.negative_prompts or config.head == "dualcoop"
+        self.prompts = PromptLearner(self.text, names, config.prompt_mode, config.n_ctx, config.ctx_init, negative)
+        self.head = ScoreHead(config.head, len(names), config.logit_scale, config.global_weight)
+        self.decoupling: SemanticDecoupling | None = None
+        if config.head == "sarl":
+            if semantics is None:
+                semantics = self._semantic_vectors(word_vectors)
+            self.register_buffer("semantics", semantics.float())
+            self.decoupling = SemanticDecoupling(self.visual.output_dim, semantics.shape[1], config.rank,
+                                                 config.fusion, config.temperature)
+        self._unfreeze(config.unfreeze)
+        self.cache_text = True
+        self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    # ---------------------------------------------------------------- construction helpers
+    def _semantic_vectors(self, word_vectors: Any) -> torch.Tensor:
+        cfg = self.config
+        if word_vectors is None and cfg.semantic_source == "word":
+            if not cfg.word_vectors:
+                raise ValueError("semantic_source 'word' needs word_vectors (a gensim KeyedVectors or a file path); "
+                                 "or set semantic_source=clip to use CLIP text embeddings")
+            word_vectors = cfg.word_vectors
+        if isinstance(word_vectors, str):
+            word_vectors = load_word_vectors(word_vectors)
+        return semantic_vectors(self.vocabulary, word_vectors, text_encoder=self.text.encode_texts,
+                                fallback=cfg.semantic_fallback, source=cfg.semantic_source)
+
+    def _unfreeze(self, which: str) -> None:
+        modules: list[nn.Module] = []
+        if which == "last_block":
+            modules = self.visual.last_block()
+        elif which == "visual":
+            modules = [self.visual]
+        elif which == "all":
+            modules = [self.visual, self.text]
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+    @property
+    def visual_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.visual.parameters())
+
+    def train(self, mode: bool = True) -> SARLModel:
+        """Frozen towers stay in eval mode (BatchNorm statistics of a frozen ResNet must not drift)."""
+        super().train(mode)
+        if self.visual_frozen:
+            self.visual.eval()
+        if not any(p.requires_grad for p in self.text.parameters()):
+            self.text.eval()
+        if mode:
+            self._text_cache = None
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._text_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ---------------------------------------------------------------- forward
+    @property
+    def num_classes(self) -> int:
+        return len(self.vocabulary)
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (B, HW, D) and global (B, D) features; no autograd graph when the visual tower is frozen."""
+        if self.visual_frozen:
+            with torch.no_grad():
+                return self.visual(images)
+        return self.visual(images)
+
+    def text_features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt features (t_c+, t_c- or None); cached outside training (they do not depend on the image)."""
+        cacheable = self.cache_text and (not self.training or self.prompts.ctx is None)
+        if cacheable and self._text_cache is not None:
+            return self._text_cache
+        feats = self.prompts()
+        if cacheable:
+            self._text_cache = tuple(f.detach() if f is not None else None for f in feats)  # type: ignore[assignment]
+        return feats
+
+    def forward_features(self, dense: torch.Tensor, global_feat: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from visual features (as given by ``encode_image`` or a feature cache)."""
+        text_pos, text_neg = self.text_features()
+        category_feat = None
+        if self.decoupling is not None:
+            category_feat, _ = self.decoupling(dense, self.semantics)
+        return self.head(text_pos, text_neg, global_feat, category_feat=category_feat, dense=dense)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(*self.encode_image(images))
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-category spatial attention (B, C, HW) of the semantic decoupling, for inspection and plots."""
+        if self.decoupling is None:
+            raise ValueError(f"head {self.config.head!r} has no semantic decoupling")
+        dense, _ = self.encode_image(images)
+        return self.decoupling.attention(dense, self.semantics)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,31 @@
+"""Shared test set-up: offline hub, small thread counts (2-core CI), paths to shared data."""
+
+import os
+
+# Hub look-ups must fail fast and offline (no retries against an unreachable host).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cards_voc_dir() -> Path | None:
+    """../shared/data/cards_voc beside the checkout (or $SARL_CARDS_VOC), if present."""
+    env = os.environ.get("SARL_CARDS_VOC")
+    path = Path(env) if env else REPO.parent / "shared" / "data" / "cards_voc"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def cards_voc() -> Path:
+    path = cards_voc_dir()
+    if path is None:
+        pytest.skip("cards_voc photos absent (../shared/data/cards_voc or $SARL_CARDS_VOC)")
+    return path

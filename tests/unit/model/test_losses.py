@@ -1,0 +1,358 @@
+"""Partial-label losses against slow per-entry references, plus gradient, schedule and factory checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sarl.model.losses import (
+    LOSSES,
+    LabelCompletion,
+    WithLabelCompletion,
+    an_loss,
+    asl_loss,
+    bce_loss,
+    build_loss,
+    large_loss_rate,
+    ll_ct_loss,
+    ll_r_loss,
+    partial_bce_loss,
+    wan_loss,
+)
+
+# ---- slow references: plain Python over entries, no shared code with the library --------------------------------
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _bce(x: float, y: float) -> float:
+    q = _sig(x)
+    return -(y * math.log(q) + (1.0 - y) * math.log(1.0 - q))
+
+
+def _entries(logits: torch.Tensor, targets: torch.Tensor):
+    logits = logits.detach()
+    for i in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            yield i, j, float(logits[i, j]), int(targets[i, j])
+
+
+def ref_bce(logits, targets):
+    terms = [_bce(x, t) for _, _, x, t in _entries(logits, targets) if t >= 0]
+    return sum(terms) / len(terms)
+
+
+def ref_partial_bce(logits, targets):
+    total, n_known = 0.0, 0
+    for _, _, x, t in _entries(logits, targets):
+        if t >= 0:
+            total += _bce(x, t)
+            n_known += 1
+    n = logits.numel()
+    g = -4.45 * (n_known / n) + 5.45
+    return g * total / n
+
+
+def ref_asl(logits, targets, gamma_neg=2.0, gamma_pos=1.0, margin=0.05, eps=1e-8):
+    terms = []
+    for _, _, x, t in _entries(logits, targets):
+        if t < 0:
+            continue
+        q = _sig(x)
+        if t == 1:
+            terms.append(-((1 - q) ** gamma_pos) * math.log(q))
+        else:
+            qm = max(q - margin, 0.0)
+            terms.append(-(qm**gamma_neg) * math.log(max(1 - qm, eps)))
+    return sum(terms) / len(terms)
+
+
+def ref_an(logits, targets):
+    return sum(_bce(x, max(t, 0)) for _, _, x, t in _entries(logits, targets)) / logits.numel()
+
+
+def ref_wan(logits, targets):
+    w = 1.0 / (logits.shape[1] - 1)
+    return sum((w if t < 0 else 1.0) * _bce(x, max(t, 0)) for _, _, x, t in _entries(logits, targets)) / logits.numel()
+
+
+def ref_top_unknown(logits, targets, rate):
+    """The (i, j) of the ceil(rate * n_unknown) unknown entries with the largest AN loss."""
+    unknown = [(_bce(x, 0), (i, j)) for i, j, x, t in _entries(logits, targets) if t < 0]
+    unknown.sort(reverse=True)
+    k = math.ceil(round(rate * len(unknown), 9))
+    return {ij for _, ij in unknown[:k]}
+
+
+def ref_ll(logits, targets, rate, flip):
+    chosen = ref_top_unknown(logits, targets, rate)
+    total = 0.0
+    for i, j, x, t in _entries(logits, targets):
+        if (i, j) in chosen:
+            total += _bce(x, 1) if flip else 0.0
+        else:
+            total += _bce(x, max(t, 0))
+    return total / logits.numel()
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------------------
+
+
+def make_batch(seed: int = 0, b: int = 6, c: int = 7, p_known: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, c, generator=g, dtype=torch.float64) * 2.5).requires_grad_(True)
+    labels = (torch.rand(b, c, generator=g) < 0.3).long()
+    known = torch.rand(b, c, generator=g) < p_known
+    targets = torch.where(known, labels, torch.full_like(labels, -1))
+    return logits, targets
+
+
+SEEDS = [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "fn, ref",
+    [
+        (bce_loss, ref_bce),
+        (partial_bce_loss, ref_partial_bce),
+        (asl_loss, ref_asl),
+        (an_loss, ref_an),
+        (wan_loss, ref_wan),
+    ],
+)
+def test_loss_matches_reference(fn, ref, seed):
+    logits, targets = make_batch(seed)
+    assert fn(logits, targets).item() == pytest.approx(ref(logits, targets), rel=1e-10)
+
+
+@pytest.mark.parametrize("params", [{"gamma_neg": 4.0, "gamma_pos": 0.0, "margin": 0.2}, {"margin": 0.0}])
+def test_asl_parameters_match_reference(params):
+    logits, targets = make_batch(3)
+    assert asl_loss(logits, targets, **params).item() == pytest.approx(ref_asl(logits, targets, **params), rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0])
+def test_large_loss_matches_reference(seed, rate):
+    logits, targets = make_batch(seed)
+    assert ll_r_loss(logits, targets, rate).item() == pytest.approx(
+        ref_ll(logits, targets, rate, flip=False), rel=1e-10
+    )
+    assert ll_ct_loss(logits, targets, rate).item() == pytest.approx(
+        ref_ll(logits, targets, rate, flip=True), rel=1e-10
+    )
+
+
+def test_complete_labels_reduce_to_plain_bce():
+    """With every label known, bce, partial_bce (g(1) = 1), an and wan all equal the ordinary BCE mean."""
+    logits, targets = make_batch(0, p_known=1.1)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.double())
+    for fn in (bce_loss, partial_bce_loss, an_loss, wan_loss):
+        assert fn(logits, targets).item() == pytest.approx(plain.item(), rel=1e-12)
+
+
+def test_float_and_long_targets_agree():
+    logits, targets = make_batch(0)
+    for fn in (bce_loss, partial_bce_loss, asl_loss, an_loss, wan_loss):
+        assert fn(logits, targets).item() == fn(logits, targets.double()).item()
+
+
+# ---- gradients ----------------------------------------------------------------------------------------------------
+
+
+def _grad(fn, logits, targets, **kw):
+    (grad,) = torch.autograd.grad(fn(logits, targets, **kw), logits)
+    return grad
+
+
+@pytest.mark.parametrize("fn", [bce_loss, partial_bce_loss, asl_loss])
+def test_known_only_losses_ignore_unknown_entries(fn):
+    logits, targets = make_batch(1)
+    grad = _grad(fn, logits, targets)
+    unknown = targets < 0
+    assert torch.all(grad[unknown] == 0)
+    # Known entries do learn (ASL's shifted negatives may be exactly flat, so look at positives there).
+    learnt = (targets == 1) if fn is asl_loss else ~unknown
+    assert torch.all(grad[learnt] != 0)
+
+
+@pytest.mark.parametrize("fn", [an_loss, wan_loss])
+def test_assume_negative_losses_learn_from_unknown_entries(fn):
+    logits, targets = make_batch(1)
+    grad = _grad(fn, logits, targets)
+    assert torch.all(grad[targets < 0] > 0)  # pushed towards "absent"
+
+
+def test_wan_weights_unknown_gradients_by_one_over_c_minus_one():
+    logits, targets = make_batch(1)
+    ratio = _grad(wan_loss, logits, targets) / _grad(an_loss, logits, targets)
+    c = logits.shape[1]
+    assert torch.allclose(ratio[targets < 0], torch.full_like(ratio[targets < 0], 1 / (c - 1)))
+    assert torch.allclose(ratio[targets >= 0], torch.ones_like(ratio[targets >= 0]))
+
+
+def test_all_unknown_batch_gives_zero_loss_and_gradient():
+    logits, _ = make_batch(0)
+    targets = torch.full(logits.shape, -1)
+    for fn in (bce_loss, partial_bce_loss, asl_loss):
+        loss = fn(logits, targets)
+        assert loss.item() == 0.0
+        assert torch.all(torch.autograd.grad(loss, logits)[0] == 0)
+
+
+def test_ll_r_rejects_exactly_the_top_rate_unknown_entries():
+    logits, targets = make_batch(2, b=8, c=10)
+    n_unknown = int((targets < 0).sum())
+    rate = 0.25
+    chosen = ref_top_unknown(logits, targets, rate)
+    assert len(chosen) == math.ceil(rate * n_unknown) > 0
+    grad = _grad(ll_r_loss, logits, targets, rate=rate)
+    zero = {(i, j) for i, j in (grad == 0).nonzero().tolist()}
+    assert zero == chosen
+
+
+def test_ll_ct_flips_the_top_rate_unknown_entries():
+    logits, targets = make_batch(2, b=8, c=10)
+    rate = 0.25
+    flipped = targets.clone()
+    for i, j in ref_top_unknown(logits, targets, rate):
+        flipped[i, j] = 1
+    assert ll_ct_loss(logits, targets, rate).item() == pytest.approx(an_loss(logits, flipped).item(), rel=1e-12)
+    grad = _grad(ll_ct_loss, logits, targets, rate=rate)
+    for i, j in ref_top_unknown(logits, targets, rate):
+        assert grad[i, j] < 0  # now pushed towards "present"
+
+
+def test_rate_counts_are_exact_fractions_of_unknown_entries():
+    """0.3 * 10 unknown entries is 3, not ceil(3.0000000000000004) = 4."""
+    logits = torch.linspace(-3, 3, 10, dtype=torch.float64).reshape(1, 10).requires_grad_(True)
+    targets = torch.full((1, 10), -1)
+    grad = _grad(ll_r_loss, logits, targets, rate=0.3)
+    assert (grad == 0).nonzero()[:, 1].tolist() == [7, 8, 9]  # the three largest logits have the largest AN loss
+
+
+def test_rate_schedule():
+    assert large_loss_rate(0, 0.002) == 0.0
+    assert large_loss_rate(10, 0.002) == pytest.approx(0.02)
+    assert large_loss_rate(100, 0.05, max_rate=0.4) == 0.4
+    logits, targets = make_batch(0)
+    for name, flip in (("ll_r", False), ("ll_ct", True)):
+        loss = build_loss(name, delta_rel=0.1, max_rate=0.5)
+        loss.set_epoch(0)
+        assert loss.rate == 0.0
+        assert loss(logits, targets).item() == pytest.approx(ref_an(logits, targets), rel=1e-10)  # epoch 1 is AN
+        loss.set_epoch(2)
+        assert loss.rate == pytest.approx(0.2)
+        assert loss(logits, targets).item() == pytest.approx(ref_ll(logits, targets, 0.2, flip), rel=1e-10)
+        loss.set_epoch(9)
+        assert loss.rate == 0.5
+
+
+def test_rate_out_of_range_is_an_error():
+    logits, targets = make_batch(0)
+    with pytest.raises(ValueError, match="rate"):
+        ll_r_loss(logits, targets, 1.5)
+
+
+# ---- label completion ---------------------------------------------------------------------------------------------
+
+
+def ref_completion(logits, targets, t_pos, t_neg, weight):
+    total = 0.0
+    for _, _, x, t in _entries(logits, targets):
+        if t >= 0:
+            continue
+        q = _sig(x)
+        if q > t_pos:
+            total += _bce(x, 1)
+        elif q < t_neg:
+            total += _bce(x, 0)
+    return weight * total / logits.numel()
+
+
+def test_label_completion_only_after_warmup():
+    logits, targets = make_batch(0)
+    params = {"warmup_epochs": 2, "t_pos": 0.8, "t_neg": 0.2, "weight": 0.5}
+    loss = build_loss("bce", completion=params)
+    assert isinstance(loss, WithLabelCompletion)
+    base = ref_bce(logits, targets)
+    assert ref_completion(logits, targets, 0.8, 0.2, 0.5) > 0  # the batch has confident unknown entries
+    for epoch in (0, 1):
+        loss.set_epoch(epoch)
+        assert loss(logits, targets).item() == pytest.approx(base, rel=1e-12)
+    loss.set_epoch(2)
+    expected = base + ref_completion(logits, targets, 0.8, 0.2, 0.5)
+    assert loss(logits, targets).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_label_completion_gradient_reaches_only_confident_unknown_entries():
+    logits, targets = make_batch(0)
+    completion = LabelCompletion(warmup_epochs=0, t_pos=0.8, t_neg=0.2, weight=1.0)
+    grad = _grad(completion, logits, targets)
+    prob = torch.sigmoid(logits.detach())
+    confident = (targets < 0) & ((prob > 0.8) | (prob < 0.2))
+    assert torch.all(grad[~confident] == 0)
+    assert torch.all(grad[confident] != 0)
+    assert torch.all(grad[confident & (prob > 0.8)] < 0)  # soft positives pushed up
+
+
+def test_label_completion_forwards_epoch_to_base():
+    loss = build_loss("ll_r", delta_rel=0.1, completion={"warmup_epochs": 1})
+    loss.set_epoch(3)
+    assert loss.base.rate == pytest.approx(0.3)
+    assert loss.completion.active
+
+
+def test_label_completion_validates_thresholds():
+    with pytest.raises(ValueError, match="t_neg"):
+        LabelCompletion(t_pos=0.2, t_neg=0.8)
+
+
+# ---- factory ------------------------------------------------------------------------------------------------------
+
+
+def test_registry_names():
+    assert set(LOSSES) == {"bce", "partial_bce", "asl", "an", "wan", "ll_r", "ll_ct"}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_build_every_loss(name):
+    loss = build_loss(name)
+    assert isinstance(loss, torch.nn.Module)
+    loss.set_epoch(3)
+    logits, targets = make_batch(0)
+    value = loss(logits, targets)
+    assert value.dim() == 0 and torch.isfinite(value)
+
+
+def test_build_loss_passes_parameters():
+    logits, targets = make_batch(0)
+    loss = build_loss("asl", gamma_neg=4.0, gamma_pos=0.0, margin=0.2)
+    assert loss(logits, targets).item() == pytest.approx(ref_asl(logits, targets, 4.0, 0.0, 0.2), rel=1e-10)
+
+
+def test_build_loss_unknown_name():
+    with pytest.raises(ValueError, match=r"'focal'.*valid.*'an'.*'asl'.*'bce'.*'ll_ct'.*'ll_r'.*'partial_bce'.*'wan'"):
+        build_loss("focal")
+
+
+def test_build_loss_unknown_parameter():
+    with pytest.raises(ValueError, match=r"gama_neg.*valid.*gamma_neg"):
+        build_loss("asl", gama_neg=3.0)
+    with pytest.raises(ValueError, match=r"delta_rel"):
+        build_loss("bce", delta_rel=0.1)
+
+
+def test_build_loss_unknown_completion_parameter():
+    with pytest.raises(ValueError, match=r"tpos.*valid.*t_pos"):
+        build_loss("bce", completion={"tpos": 0.9})
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="B, C"):
+        bce_loss(torch.zeros(2, 3), torch.zeros(2, 4))
