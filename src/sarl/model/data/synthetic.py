@@ -32,6 +32,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "sta
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges keep small shapes recognisable
 _MIN_CONTRAST = 140.0  # least RGB distance between a shape and the background colour
 _NOISE_STD = 14.0  # per-pixel Gaussian noise over the whole image, in 0-255 units
+_RADIUS = (0.15, 0.23)  # shape radius range, as a fraction of the image side
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def draw_scene(rng: np.random.Generator, image_size: int, classes: Sequence[int]
     background = rng.integers(0, 256, size=3)
     objects: list[ShapeObject] = []
     for c in chosen:
-        radius = float(rng.uniform(0.15, 0.23)) * image_size
+        radius = float(rng.uniform(*_RADIUS)) * image_size
         best: tuple[float, float] | None = None
         best_gap = -math.inf
         for _ in range(30):  # rejection sampling for little overlap; keep the best try if none is clear
