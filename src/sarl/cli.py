@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .model.config import ConfigError
+from .platform.storage import StorageError
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.output_dir, args.overrides)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .platform.job import load_job
+    from .platform.train import run_training
+
+    job = load_job(args.config, args.overrides)
+    if args.address:
+        job.address = args.address
+    result = run_training(job)
+    metrics = result["metrics"]
+    print(f"best checkpoint: {result['checkpoint']}\nvalidation mAP: {metrics['val_mAP']:.2f} "
+          f"(epoch {metrics['epoch']})")
+    if args.json:
+        print(json.dumps({"checkpoint": result["checkpoint"], "metrics": metrics}, default=float))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .platform.evaluate import evaluate_checkpoint, format_metrics
+
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.data, args.workers, args.output_dir,
+                                 args.address)
+    print(format_metrics(result))
+    if args.output_dir:
+        print(f"written: {args.output_dir}/metrics.json, per_class_ap.csv, per_class_ap.png")
+    if args.json:
+        keep = ("checkpoint", "split", "mAP", "CF1", "OF1", "CF1_top3", "OF1_top3", "AP", "categories")
+        print(json.dumps({k: result[k] for k in keep}, default=float))
     return 0
 
 
@@ -22,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="data-parallel training on Ray Train (local cluster or RAY_ADDRESS)")
+    train.add_argument("--config", help="job YAML (jobs/*.yaml); defaults apply to everything it leaves out")
+    train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    train.add_argument("--json", action="store_true", help="end with one JSON line: checkpoint and metrics")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scaling.num_workers=4")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics, CSV/JSON and a per-class AP plot for a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or s3:// URI")
+    evaluate.add_argument("--split", default="val", choices=("val", "test"))
+    evaluate.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
+                          help="override the checkpoint's job, e.g. data.root=/data/voc data.test_split=test")
+    evaluate.add_argument("--workers", type=int, default=1, help="data-parallel evaluation on Ray with N workers")
+    evaluate.add_argument("--output-dir", help="where to write metrics.json, per_class_ap.csv and .png")
+    evaluate.add_argument("--address", help="Ray cluster address (only with --workers > 1)")
+    evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 
@@ -31,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"sarl {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, StorageError) as exc:
+        print(f"sarl {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

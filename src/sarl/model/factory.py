@@ -56,6 +56,9 @@ class ModelConfig:
     semantic_source: str = field("word", choices=("word", "clip"))
     word_vectors: str | None = None
     semantic_fallback: str = field("error", choices=("error", "clip"))
+    # Remove the component all categories share (CLIP texts of "a photo of a ..." are highly similar, and so are
+    # word vectors of one domain): the attention then keys on what tells categories apart.
+    center_semantics: bool = True
     # Which encoder parameters train: none (paper default), the last visual block, the whole visual tower, all.
     unfreeze: str = field("none", choices=UNFREEZE)
     description: str = ""

@@ -43,9 +43,12 @@ class SARLModel(nn.Module):
         self.head = ScoreHead(config.head, len(names), config.logit_scale, config.global_weight)
         self.decoupling: SemanticDecoupling | None = None
         if config.head == "sarl":
+            mean = torch.zeros(semantics.shape[1]) if semantics is not None else None
             if semantics is None:
-                semantics = self._semantic_vectors(word_vectors)
+                semantics, mean = self._semantic_vectors(word_vectors)
             self.register_buffer("semantics", semantics.float())
+            # Kept so that categories added later (zero-shot) are centred exactly like the trained ones.
+            self.register_buffer("semantic_mean", mean.float())
             self.decoupling = SemanticDecoupling(self.visual.output_dim, semantics.shape[1], config.rank,
                                                  config.fusion, config.temperature)
         self._unfreeze(config.unfreeze)
@@ -53,7 +56,8 @@ class SARLModel(nn.Module):
         self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # ---------------------------------------------------------------- construction helpers
-    def _semantic_vectors(self, word_vectors: Any) -> torch.Tensor:
+    def _semantic_vectors(self, word_vectors: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit semantic vectors w_c and the mean removed from them (see ``ModelConfig.center_semantics``)."""
         cfg = self.config
         if word_vectors is None and cfg.semantic_source == "word":
             if not cfg.word_vectors:
@@ -62,8 +66,13 @@ class SARLModel(nn.Module):
             word_vectors = cfg.word_vectors
         if isinstance(word_vectors, str):
             word_vectors = load_word_vectors(word_vectors)
-        return semantic_vectors(self.vocabulary, word_vectors, text_encoder=self.text.encode_texts,
-                                fallback=cfg.semantic_fallback, source=cfg.semantic_source)
+        vectors = semantic_vectors(self.vocabulary, word_vectors, text_encoder=self.text.encode_texts,
+                                   fallback=cfg.semantic_fallback, source=cfg.semantic_source)
+        mean = torch.zeros(vectors.shape[1])
+        if cfg.center_semantics and len(vectors) > 1:
+            mean = vectors.mean(dim=0)
+            vectors = torch.nn.functional.normalize(vectors - mean, dim=-1)
+        return vectors, mean
 
     def _unfreeze(self, which: str) -> None:
         modules: list[nn.Module] = []

@@ -4,8 +4,12 @@ Tests, the demo and benchmarks need a multi-label data set that costs no downloa
 a tiny model can learn in minutes on a CPU. Each image holds between ``min_objects`` and
 ``max_objects`` *different* shapes; its labels say which shapes are present. A shape's class
 is fixed by its form alone (colour, position, size and a small rotation are random), and
-shapes are large (a quarter to half the image across) and mostly non-overlapping, so the
-task is learnable at 64 px.
+shapes are large (a quarter to half the image across) and mostly non-overlapping.
+
+With ``class_colors=True`` (the default) each class also has its own hue from :data:`PALETTE`
+(jittered, on a grey background): CLIP towers trained from random weights pick colour up within a
+few epochs but form only slowly (patchify/strided stems at 64 px), so this is what lets the tiny
+model learn in minutes on a CPU. ``class_colors=False`` leaves form as the only cue: a harder task.
 
 Item ``i`` is drawn from ``np.random.default_rng([seed, crc32(split), i])``: any worker can
 render any item, with no disk and no shared state, and the same (seed, split, i) always gives
@@ -33,6 +37,10 @@ _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges keep small shapes re
 _MIN_CONTRAST = 140.0  # least RGB distance between a shape and the background colour
 _NOISE_STD = 14.0  # per-pixel Gaussian noise over the whole image, in 0-255 units
 _RADIUS = (0.15, 0.23)  # shape radius range, as a fraction of the image side
+# One saturated hue per shape class (with class_colors=True), in SHAPES order.
+PALETTE: tuple[tuple[int, int, int], ...] = ((230, 40, 40), (40, 200, 60), (50, 80, 235), (240, 220, 40),
+                                             (220, 60, 220), (40, 220, 220), (245, 140, 30), (140, 70, 200))
+_JITTER = 25  # per-channel colour jitter around the class hue
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,17 @@ def _random_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int
     return tuple(int(c) for c in 255 - background)  # the complement always contrasts enough
 
 
+def _class_color(rng: np.random.Generator, shape: int) -> tuple[int, int, int]:
+    jitter = rng.integers(-_JITTER, _JITTER + 1, size=3)
+    return tuple(int(c) for c in np.clip(np.asarray(PALETTE[shape]) + jitter, 0, 255))
+
+
 def draw_scene(rng: np.random.Generator, image_size: int, classes: Sequence[int], min_objects: int,
-               max_objects: int) -> Scene:
+               max_objects: int, class_colors: bool = True) -> Scene:
     """Draw a scene: how many shapes, which ones (distinct), where, how big, which colours."""
     k = int(rng.integers(min_objects, max_objects + 1))
     chosen = rng.choice(len(classes), size=k, replace=False)
-    background = rng.integers(0, 256, size=3)
+    background = np.full(3, rng.integers(60, 196)) if class_colors else rng.integers(0, 256, size=3)
     objects: list[ShapeObject] = []
     for c in chosen:
         radius = float(rng.uniform(*_RADIUS)) * image_size
@@ -89,7 +102,8 @@ def draw_scene(rng: np.random.Generator, image_size: int, classes: Sequence[int]
         elif SHAPES[shape] in ("square", "diamond", "circle", "ring"):
             angle = 0.0  # a rotated square is a diamond: keep the two apart by orientation
         assert best is not None
-        objects.append(ShapeObject(shape, best[0], best[1], radius, _random_color(rng, background), angle))
+        color = _class_color(rng, shape) if class_colors else _random_color(rng, background)
+        objects.append(ShapeObject(shape, best[0], best[1], radius, color, angle))
     return Scene(tuple(int(v) for v in background), tuple(objects))
 
 
@@ -149,6 +163,7 @@ class SyntheticShapes(MultiLabelDataset):
         transform: applied to the PIL image, as for any :class:`MultiLabelDataset`.
         split: stream name, so ``"train"`` and ``"test"`` of one seed differ.
         categories: shape names to use instead of the first ``num_classes`` (any order).
+        class_colors: each class drawn in its own (jittered) hue; False: random colours, form is the only cue.
     """
 
     def __init__(
@@ -162,7 +177,9 @@ class SyntheticShapes(MultiLabelDataset):
         transform: Callable[[Image.Image], Any] | None = None,
         split: str = "train",
         categories: Sequence[str] | None = None,
+        class_colors: bool = True,
     ) -> None:
+        self.class_colors = bool(class_colors)
         if categories is not None:
             unknown = [c for c in categories if c not in SHAPES]
             if unknown:
@@ -197,12 +214,13 @@ class SyntheticShapes(MultiLabelDataset):
 
     def scene(self, index: int) -> Scene:
         """The scene of item ``index`` (no rendering): which shapes, where, which colours."""
-        return draw_scene(self._rng(index), self.image_size, self.classes, self.min_objects, self.max_objects)
+        return draw_scene(self._rng(index), self.image_size, self.classes, self.min_objects, self.max_objects,
+                          self.class_colors)
 
     def load_image(self, index: int) -> Image.Image:
         """Render item ``index``; the scene draw comes first in its random stream, then the noise."""
         rng = self._rng(index)
-        scene = draw_scene(rng, self.image_size, self.classes, self.min_objects, self.max_objects)
+        scene = draw_scene(rng, self.image_size, self.classes, self.min_objects, self.max_objects, self.class_colors)
         return render_scene(scene, self.image_size, rng)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> SyntheticShapes:

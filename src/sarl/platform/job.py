@@ -1,0 +1,59 @@
+"""Job configuration for the Ray platform: an experiment plus how to run it on a cluster.
+
+A job YAML (``jobs/*.yaml``) is an ``ExperimentConfig`` (model, data, loss, optim, train) with two more
+sections: ``scaling`` (workers and their resources) and ``run`` (storage, failures, checkpoints kept).
+``load_job`` validates the whole file before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..model.config import ConfigError, field, load_config, non_negative, positive
+from ..model.experiment import ExperimentConfig
+
+
+@dataclasses.dataclass
+class ScalingSection:
+    num_workers: int = field(2, check=positive())
+    use_gpu: bool = False  # NCCL + bf16 autocast on GPU workers, gloo on CPU
+    cpus_per_worker: float = field(1.0, check=positive())
+    gpus_per_worker: float | None = None  # default 1 when use_gpu
+    resources_per_worker: dict = field(default_factory=dict)  # custom Ray resources, e.g. {accelerator_type:A100: 0.1}
+    torch_threads: int | None = None  # intra-op threads per CPU worker (default: cpus_per_worker)
+
+
+@dataclasses.dataclass
+class RunSection:
+    # Where Ray keeps the run (checkpoints, results): a local path or s3://bucket/prefix. The run lives in
+    # <storage_path>/<name>; starting the same name again resumes from its latest checkpoint.
+    storage_path: str = "runs/ray"
+    name: str | None = None  # default: the job's name
+    max_failures: int = field(0, check=(lambda v: v >= -1, "must be >= -1 (-1: retry forever)"))
+    keep_checkpoints: int = field(2, check=positive())  # best-k by validation mAP
+    # Rehearse recovery: rank 0 raises once in this epoch (a marker file under the run makes it once only).
+    fail_once_at_epoch: int | None = field(None, check=positive())
+    log_every_epoch: bool = True
+
+
+@dataclasses.dataclass
+class JobConfig(ExperimentConfig):
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    address: str | None = None  # Ray cluster address; default $RAY_ADDRESS, else a local cluster
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or self.name
+
+
+def load_job(path: str | Path | None, overrides: Iterable[str] = ()) -> JobConfig:
+    """A validated ``JobConfig`` from a YAML file (or defaults) and ``key=value`` overrides."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"job file {path} does not exist")
+    return load_config(JobConfig, path, overrides)
+
+
+__all__ = ["ConfigError", "JobConfig", "RunSection", "ScalingSection", "load_job", "non_negative"]

@@ -1,0 +1,209 @@
+"""``sarl train``: the model library's engine on Ray Train (data-parallel, checkpointed, resumable).
+
+Every Ray call of a training job is in this file. A worker builds the data, mask and model exactly as
+``sarl.model.experiment`` does in one process, wraps the model with ``prepare_model`` (DDP over gloo on CPU,
+NCCL on GPU), and runs ``engine.train_one_epoch`` / ``engine.evaluate``. Each epoch ends with one
+``ray.train.report`` carrying the validation metrics (computed over the whole validation set: each worker
+scores a disjoint shard and torchmetrics gathers them) and a checkpoint written by rank 0.
+
+A checkpoint holds the weights, the resolved job, the partial-label mask and the training state (epoch,
+optimizer, scheduler, RNG), so a restarted worker group, or a new run with the same name and storage,
+continues at the next epoch with the same mask.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from ..model import engine
+from ..model.checkpoint import load_train_state, save_checkpoint
+from ..model.config import from_dict, to_dict
+from ..model.data import collate_skip_bad
+from ..model.experiment import MASK_FILE, build_components, make_loader, prepare_data, seed_everything
+from ..model.metrics import MultiLabelMetrics
+from . import storage
+from .job import JobConfig
+
+JOB_FILE = "job.yaml"
+
+
+# ------------------------------------------------------------------------------------------- per worker
+def shard(dataset, rank: int, world: int):
+    """Disjoint, unpadded shard for evaluation: metrics over all shards equal metrics over the whole set."""
+    return dataset.subset(np.arange(rank, len(dataset), world))
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+
+
+def _maybe_fail(job: JobConfig, epoch: int, rank: int) -> None:
+    """Recovery rehearsal: rank 0 raises once in ``run.fail_once_at_epoch`` (a marker makes it once only)."""
+    if job.run.fail_once_at_epoch != epoch or rank != 0:
+        return
+    marker = storage.join(job.run.storage_path, job.run_name, f".failed_once_at_epoch_{epoch}")
+    if not storage.exists(marker):
+        storage.write_text(marker, "failed once, as configured")
+        raise RuntimeError(f"injected failure in epoch {epoch} (run.fail_once_at_epoch)")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    job = from_dict(JobConfig, config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if not job.scaling.use_gpu:
+        torch.set_num_threads(job.scaling.torch_threads or max(1, int(job.scaling.cpus_per_worker)))
+    seed_everything(job.train.seed)
+    scratch = Path(tempfile.mkdtemp(prefix="sarl-worker-"))
+    resume = ray.train.get_checkpoint()
+    train_state = None
+    if resume is not None:
+        with resume.as_directory() as ckpt_dir:
+            shutil.copytree(ckpt_dir, scratch / "resume")
+        shutil.copy(scratch / "resume" / MASK_FILE, scratch / MASK_FILE)  # resume with the saved mask
+        train_state = load_train_state(scratch / "resume")
+    splits = prepare_data(job, scratch)  # the mask is drawn from its seed, identically on every worker
+
+    t = job.train
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=t.seed,
+                                 drop_last=True)
+    train_loader = DataLoader(splits.train, batch_size=t.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=job.data.num_workers, collate_fn=collate_skip_bad,
+                              persistent_workers=job.data.num_workers > 0)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
+    val_loader = make_loader(shard(splits.val or splits.test, rank, world), t.eval_batch_size, False,
+                             job.data.num_workers)
+    model, loss_fn, optimizer, scheduler = build_components(job, splits.categories, len(train_loader))
+    start_epoch = 1
+    if train_state is not None:
+        model.load_state_dict(torch.load(scratch / "resume" / "weights.pt", weights_only=True))
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        set_rng_state(train_state["rng"])
+        start_epoch = int(train_state["epoch"]) + 1
+    model = ray.train.torch.prepare_model(model)
+    bare = getattr(model, "module", model)
+    metrics = MultiLabelMetrics(len(splits.categories)).to(device)
+
+    for epoch in range(start_epoch, t.epochs + 1):
+        sampler.set_epoch(epoch)
+        _maybe_fail(job, epoch, rank)
+        stats = engine.train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, scheduler,
+                                       amp=t.amp, grad_clip=t.grad_clip, progress=t.progress and rank == 0,
+                                       desc=f"{job.run_name} epoch {epoch}/{t.epochs}")
+        # The bare module: DDP's forward would broadcast buffers, a collective that uneven shards would hang.
+        val = engine.evaluate(bare, val_loader, device, metrics=metrics, amp=t.amp, progress=False)
+        report = {"epoch": epoch, "loss": stats["loss"], "val_mAP": val["mAP"], "val_CF1": val["CF1"],
+                  "val_OF1": val["OF1"], "samples_per_s": stats["samples_per_s"] * world, "lr": stats["lr"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": rng_state()}
+                save_checkpoint(bare, tmp, train_state=state, extra={"epoch": epoch, "val_mAP": val["mAP"]})
+                shutil.copy(scratch / MASK_FILE, Path(tmp) / MASK_FILE)
+                (Path(tmp) / JOB_FILE).write_text(yaml.safe_dump(to_dict(job), sort_keys=False))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if job.run.log_every_epoch:
+                    print(f"[{job.run_name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  "
+                          f"val mAP {val['mAP']:.2f}  {report['samples_per_s']:.0f} samples/s", flush=True)
+            ray.train.report(report, checkpoint=checkpoint)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- driver
+def scaling_config(job: JobConfig) -> ray.train.ScalingConfig:
+    s = job.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker or 1
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+def run_config(job: JobConfig) -> ray.train.RunConfig:
+    filesystem, path = storage.pyarrow_filesystem(job.run.storage_path)
+    if filesystem is None:
+        path = str(Path(path).expanduser().resolve())
+    return ray.train.RunConfig(
+        name=job.run_name, storage_path=path, storage_filesystem=filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints,
+                                                     checkpoint_score_attribute="val_mAP",
+                                                     checkpoint_score_order="max"))
+
+
+def checkpoint_uri(job: JobConfig, checkpoint: ray.train.Checkpoint) -> str:
+    """A URI users can pass back to ``sarl evaluate`` / ``sarl serve`` (``s3://`` for S3 storage)."""
+    return f"s3://{checkpoint.path}" if storage.is_s3(job.run.storage_path) else checkpoint.path
+
+
+def preflight(job: JobConfig) -> None:
+    """Checks that fail fast, before any worker starts: storage reachable and writable, data present."""
+    storage.check_writable(job.run.storage_path)
+    if job.data.root and not storage.is_s3(job.data.root) and not Path(job.data.root).expanduser().exists():
+        raise FileNotFoundError(f"data.root {job.data.root} does not exist")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local cluster; a no-op when already connected."""
+    if not ray.is_initialized():
+        import os
+
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=True,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+
+
+def resolve_data_uris(job: JobConfig) -> JobConfig:
+    """Data sets and word-vector files given as s3:// URIs are copied to a local cache first (driver side)."""
+    if job.data.root and storage.is_s3(job.data.root):
+        job.data.root = str(storage.local_copy(job.data.root))
+    vectors = job.model.get("word_vectors")
+    if vectors and storage.is_s3(vectors):
+        job.model["word_vectors"] = str(storage.local_copy(vectors))
+    return job
+
+
+def run_training(job: JobConfig) -> dict[str, Any]:
+    """Fit the job on Ray Train; returns the best checkpoint's URI and metrics and the per-epoch history."""
+    from ray.train.torch import TorchTrainer
+
+    preflight(job)
+    init_ray(job.address, num_cpus=None)
+    job = resolve_data_uris(job)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"job": to_dict(job)},
+                           scaling_config=scaling_config(job), run_config=run_config(job))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_mAP", float("-inf")))
+    if not best:
+        raise RuntimeError(f"run {job.run_name} reported no checkpoint")
+    checkpoint, metrics = best[-1]
+    history = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict("records")
+    return {"checkpoint": checkpoint_uri(job, checkpoint), "metrics": metrics, "history": history,
+            "latest_checkpoint": checkpoint_uri(job, result.checkpoint) if result.checkpoint else None}

@@ -1,0 +1,171 @@
+"""sarl.platform.storage against moto's S3 server over real HTTP (boto3 and pyarrow, no patched clients)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import pytest
+
+from sarl.platform import storage
+
+pytestmark = pytest.mark.integration
+
+
+def make_tree(root: Path) -> None:
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "a.txt").write_text("a")
+    (root / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    (root / "sub" / "deep" / "c.json").write_text("{}")
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_read_write_exists(s3_bucket: str) -> None:
+    root = f"s3://{s3_bucket}"
+    uri = storage.join(root, "dir", "file.txt")
+    assert storage.exists(root) and not storage.exists(uri)
+    storage.write_text(uri, "héllo")
+    assert storage.read_text(uri) == "héllo"
+    assert storage.exists(uri) and storage.exists(storage.join(root, "dir")) and storage.exists(root + "/dir/")
+    assert not storage.exists(storage.join(root, "di"))  # a prefix of a name is not a directory
+    storage.write_bytes(uri, b"\xff")
+    assert storage.read_bytes(uri) == b"\xff"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing"))
+    assert not storage.exists("s3://sarl-no-such-bucket/x") and not storage.exists("s3://sarl-no-such-bucket")
+
+
+def test_listing_and_delete(s3_bucket: str, tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    root = f"s3://{s3_bucket}/tree"
+    storage.upload_dir(tmp_path, root)
+    assert storage.list_dir(root) == ["a.txt", "sub"]
+    assert storage.list_dir(root + "/") == ["a.txt", "sub"]
+    assert storage.list_dir(storage.join(root, "sub")) == ["b.bin", "deep"]
+    assert storage.list_dir(f"s3://{s3_bucket}") == ["tree"]
+    assert storage.list_files(root) == ["a.txt", "sub/b.bin", "sub/deep/c.json"]
+    assert storage.list_dir(storage.join(root, "missing")) == [] and storage.list_files(root + "/missing") == []
+
+    storage.delete(storage.join(root, "a.txt"))
+    storage.delete(storage.join(root, "sub"))
+    storage.delete(storage.join(root, "missing"))  # no error
+    assert storage.list_files(root) == [] and not storage.exists(root)
+    with pytest.raises(ValueError):
+        storage.delete(f"s3://{s3_bucket}")
+
+
+@pytest.mark.slow
+def test_listing_paginates(s3_bucket: str) -> None:
+    client = boto3.client("s3")
+    keys = [f"many/{i:04d}" for i in range(1005)] + [f"many/sub{i}/x" for i in range(3)]  # > 1 page (1000 keys)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=s3_bucket, Key=key, Body=b""), keys))
+    root = f"s3://{s3_bucket}/many"
+    assert len(storage.list_dir(root)) == 1008
+    assert len(storage.list_files(root)) == 1008
+    storage.delete(root)  # more than one DeleteObjects batch
+    assert storage.list_files(root) == []
+
+
+def test_directory_markers_are_not_files(s3_bucket: str) -> None:
+    """Tools such as pyarrow write empty ``dir/`` objects; they are directories, not files."""
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="d/", Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="d/e/", Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="d/f.txt", Body=b"f")
+    assert storage.list_dir(f"s3://{s3_bucket}/d") == ["e", "f.txt"]
+    assert storage.list_files(f"s3://{s3_bucket}/d") == ["f.txt"]
+    storage.delete(f"s3://{s3_bucket}/d")
+    assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+
+
+def test_upload_download_dir(s3_bucket: str, tmp_path: Path) -> None:
+    make_tree(tmp_path / "src")
+    uri = f"s3://{s3_bucket}/runs/r1"
+    storage.upload_dir(tmp_path / "src", uri)
+    back = storage.download_dir(uri, tmp_path / "back")
+    assert storage.list_files(back) == ["a.txt", "sub/b.bin", "sub/deep/c.json"]
+    assert (back / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    one = storage.download_file(storage.join(uri, "sub/deep/c.json"), tmp_path / "one" / "c.json")
+    assert one.read_text() == "{}" and storage.list_dir(tmp_path / "one") == ["c.json"]  # no partial left
+    with pytest.raises(FileNotFoundError):
+        storage.download_file(storage.join(uri, "missing"), tmp_path / "missing")
+
+
+def test_local_copy_of_a_file(s3_bucket: str, tmp_path: Path) -> None:
+    uri = f"s3://{s3_bucket}/vectors/words.txt"
+    storage.write_text(uri, "v1")
+    path = storage.local_copy(uri, cache_dir=tmp_path / "cache")
+    assert path.name == "words.txt" and path.read_text() == "v1"
+    assert storage.local_copy(uri, cache_dir=tmp_path / "cache") == path  # reused
+    storage.write_text(uri, "v2")  # re-uploaded: fetched again
+    assert storage.local_copy(uri, cache_dir=tmp_path / "cache").read_text() == "v2"
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy(f"s3://{s3_bucket}/vectors/missing.txt", cache_dir=tmp_path / "cache")
+
+
+def test_local_copy_of_a_prefix(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tree(tmp_path / "src")
+    uri = f"s3://{s3_bucket}/checkpoints/best"
+    storage.upload_dir(tmp_path / "src", uri)
+    monkeypatch.setenv("SARL_CACHE_DIR", str(tmp_path / "default-cache"))
+    path = storage.local_copy(uri + "/")
+    assert path.is_dir() and path.name == "best" and tmp_path / "default-cache" in path.parents
+    assert storage.list_files(path) == ["a.txt", "sub/b.bin", "sub/deep/c.json"]
+    assert storage.local_copy(uri) == path
+    storage.write_text(storage.join(uri, "new.txt"), "n")
+    assert "new.txt" in storage.list_dir(storage.local_copy(uri))
+
+
+def test_check_writable(s3_bucket: str) -> None:
+    storage.check_writable(f"s3://{s3_bucket}/runs")
+    assert storage.list_files(f"s3://{s3_bucket}") == []  # probe removed
+
+
+def test_check_writable_missing_bucket(s3_server: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        storage.check_writable("s3://sarl-no-such-bucket/runs")
+    assert time.monotonic() - start < 15
+
+
+def test_check_writable_unreachable_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="cannot reach"):
+        storage.check_writable("s3://bucket/runs", endpoint_url=endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the way users configure it
+    with pytest.raises(storage.StorageError, match=endpoint):
+        storage.check_writable("s3://bucket/runs")
+    assert time.monotonic() - start < 15
+
+
+def test_check_writable_without_credentials(s3_bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("SARL_S3_ENDPOINT_URL", storage.resolve_endpoint() + "/")  # a fresh client, same server
+    with pytest.raises(storage.StorageError, match="credentials"):
+        storage.check_writable(f"s3://{s3_bucket}/runs")
+
+
+def test_pyarrow_filesystem(s3_bucket: str) -> None:
+    filesystem, path = storage.pyarrow_filesystem(f"s3://{s3_bucket}/ray/results/")
+    assert path == f"{s3_bucket}/ray/results"
+    with filesystem.open_output_stream(f"{path}/x.txt") as out:
+        out.write(b"from pyarrow")
+    assert storage.read_bytes(f"s3://{s3_bucket}/ray/results/x.txt") == b"from pyarrow"
+    storage.write_bytes(f"s3://{s3_bucket}/ray/results/y.txt", b"from boto3")
+    with filesystem.open_input_stream(f"{path}/y.txt") as stream:
+        assert stream.read() == b"from boto3"
