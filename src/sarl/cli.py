@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .model.config import ConfigError
+from .platform.protocol import DEFAULT_PROPORTIONS
 from .platform.storage import StorageError
 
 
@@ -47,6 +49,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protocol(args: argparse.Namespace) -> int:
+    from .platform.protocol import run_protocol, write_table
+
+    table = run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides)
+    print(write_table(table, args.proportions, Path(args.output_dir)))
+    print(f"written: {args.output_dir}/table.md, table.csv, map_vs_proportion.png, runs.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarl", description="SARL: multi-label recognition with partial labels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--address", help="Ray cluster address (only with --workers > 1)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     evaluate.set_defaults(func=_evaluate)
+
+    protocol = sub.add_parser("protocol", help="train and test methods over known-label proportions: the paper table")
+    protocol.add_argument("--config", help="job YAML every run starts from")
+    protocol.add_argument("--methods", nargs="+", default=["sarl", "global"],
+                          help="presets (sarl, global, dualcoop) or name:key=value,key=value")
+    protocol.add_argument("--proportions", nargs="+", type=float, default=list(DEFAULT_PROPORTIONS))
+    protocol.add_argument("--output-dir", default="runs/protocol")
+    protocol.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    protocol.set_defaults(func=_protocol)
     return parser
 
 

@@ -70,7 +70,7 @@ def _eval_loop_per_worker(config: dict[str, Any]) -> None:
     # Train V2 keeps reported metrics with checkpoints only, so rank 0 returns them as a one-file checkpoint.
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            (Path(tmp) / "metrics.json").write_text(json.dumps(result))
+            (Path(tmp) / "evaluation.json").write_text(json.dumps(result))
         ray.train.report({"mAP": result["mAP"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0
                          else None)
 
@@ -94,9 +94,10 @@ def evaluate_checkpoint(uri: str, split: str = "val", overrides: list[str] = (),
                 scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=job.scaling.use_gpu),
                 run_config=ray.train.RunConfig(name="evaluate", storage_path=tmp))
             outcome = trainer.fit()
-        if outcome.error:
-            raise outcome.error
-        result = dict(outcome.metrics)
+            if outcome.error:
+                raise outcome.error
+            with outcome.checkpoint.as_directory() as out:
+                result = json.loads((Path(out) / "evaluation.json").read_text())
     result["checkpoint"] = str(uri)
     result["split"] = split
     if output_dir is not None:

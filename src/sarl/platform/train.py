@@ -177,12 +177,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def resolve_data_uris(job: JobConfig) -> JobConfig:
-    """Data sets and word-vector files given as s3:// URIs are copied to a local cache first (driver side)."""
+    """Data sets, word-vector and weight files given as s3:// URIs are copied to a local cache first.
+
+    This runs on the driver; on a multi-node cluster every node needs the files, so point ``data.root`` at
+    storage all nodes mount or copy (the cache path is the same on every node).
+    """
     if job.data.root and storage.is_s3(job.data.root):
         job.data.root = str(storage.local_copy(job.data.root))
-    vectors = job.model.get("word_vectors")
-    if vectors and storage.is_s3(vectors):
-        job.model["word_vectors"] = str(storage.local_copy(vectors))
+    for key in ("word_vectors", "pretrained"):
+        value = job.model.get(key)
+        if isinstance(value, str) and storage.is_s3(value):
+            job.model[key] = str(storage.local_copy(value))
     return job
 
 
@@ -204,6 +209,6 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     checkpoint, metrics = best[-1]
     history = []
     if result.metrics_dataframe is not None:
-        history = result.metrics_dataframe.to_dict("records")
+        history = sorted(result.metrics_dataframe.to_dict("records"), key=lambda row: row["epoch"])
     return {"checkpoint": checkpoint_uri(job, checkpoint), "metrics": metrics, "history": history,
             "latest_checkpoint": checkpoint_uri(job, result.checkpoint) if result.checkpoint else None}
