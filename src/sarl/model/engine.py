@@ -104,8 +104,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
     model.eval()
     if metrics is None:
         if num_classes is None:
-            num_classes = getattr(model, "num_classes", None) or getattr(getattr(model, "module", None),
-                                                                            "num_classes")
+            num_classes = getattr(model, "num_classes", None) or getattr(model, "module", None).num_classes
         metrics = MultiLabelMetrics(num_classes)
     metrics = metrics.to(device)
     metrics.reset()

@@ -45,6 +45,13 @@ def _split(job: JobConfig, ckpt_dir: Path, split: str):
     raise ConfigError(f"split must be val or test, not {split!r}")
 
 
+def chance_map(labels) -> float:
+    """Expected mAP of random scores: per class, the positive rate among known entries (in percent)."""
+    known = labels >= 0
+    rates = (labels == 1).sum(0) / known.sum(0).clip(min=1)
+    return float(100 * rates[(labels == 1).any(0)].mean())
+
+
 def _evaluate_local(ckpt_dir: Path, job: JobConfig, split: str, rank: int = 0, world: int = 1,
                     device: torch.device | str = "cpu") -> dict[str, Any]:
     dataset, categories = _split(job, ckpt_dir, split)
@@ -55,6 +62,7 @@ def _evaluate_local(ckpt_dir: Path, job: JobConfig, split: str, rank: int = 0, w
                              progress=job.train.progress and rank == 0, desc=f"evaluate {split}")
     result["categories"] = categories
     result["num_images"] = len(dataset)
+    result["chance_mAP"] = chance_map(dataset.labels)
     return result
 
 

@@ -8,10 +8,11 @@ sections: ``scaling`` (workers and their resources) and ``run`` (storage, failur
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
-from ..model.config import ConfigError, field, load_config, non_negative, positive
+from ..model.config import ConfigError, field, load_config, positive
 from ..model.experiment import ExperimentConfig
 
 
@@ -49,11 +50,12 @@ class JobConfig(ExperimentConfig):
         return self.run.name or self.name
 
 
-def load_job(path: str | Path | None, overrides: Iterable[str] = ()) -> JobConfig:
-    """A validated ``JobConfig`` from a YAML file (or defaults) and ``key=value`` overrides."""
+def load_job(path: str | Path | None, overrides: Iterable[str] = (),
+             base: Mapping[str, Any] | None = None) -> JobConfig:
+    """A validated ``JobConfig``: defaults <- ``base`` <- YAML file ``path`` <- ``key=value`` overrides."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"job file {path} does not exist")
-    return load_config(JobConfig, path, overrides)
+    return load_config(JobConfig, path, overrides, base=base)
 
 
-__all__ = ["ConfigError", "JobConfig", "RunSection", "ScalingSection", "load_job", "non_negative"]
+__all__ = ["ConfigError", "JobConfig", "RunSection", "ScalingSection", "load_job"]

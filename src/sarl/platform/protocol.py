@@ -40,7 +40,8 @@ def parse_method(spec: str) -> tuple[str, list[str]]:
 
 
 def run_protocol(config: str | None, methods: list[str], proportions: list[float], output_dir: str | Path,
-                 overrides: list[str] = (), log: Any = print) -> dict[str, dict[float, float]]:
+                 overrides: list[str] = (), base: dict[str, Any] | None = None,
+                 log: Any = print) -> dict[str, dict[float, float]]:
     """Train and test every method at every proportion; returns {method: {proportion: test mAP}}."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -48,9 +49,9 @@ def run_protocol(config: str | None, methods: list[str], proportions: list[float
     jobs = {}
     for name, method_overrides in parsed:  # validate everything before the first run starts
         for p in proportions:
-            jobs[name, p] = load_job(config, [*overrides, *method_overrides, f"data.known_proportion={p}"])
-            base = jobs[name, p]
-            base.run.name = f"{base.run_name}-{name}-p{int(round(p * 100)):02d}"
+            jobs[name, p] = load_job(config, [*overrides, *method_overrides, f"data.known_proportion={p}"], base)
+            job = jobs[name, p]
+            job.run.name = f"{job.run_name}-{name}-p{int(round(p * 100)):02d}"
     table: dict[str, dict[float, float]] = {name: {} for name, _ in parsed}
     records = []
     for (name, p), job in jobs.items():
@@ -60,7 +61,8 @@ def run_protocol(config: str | None, methods: list[str], proportions: list[float
         table[name][p] = tested["mAP"]
         records.append({"method": name, "proportion": p, "val_mAP": trained["metrics"]["val_mAP"],
                         "test_mAP": tested["mAP"], "test_CF1": tested["CF1"], "test_OF1": tested["OF1"],
-                        "checkpoint": trained["checkpoint"]})
+                        "test_AP": tested["AP"], "test_chance_mAP": tested["chance_mAP"],
+                        "categories": tested["categories"], "checkpoint": trained["checkpoint"]})
         log(f"   {name} p={p:.1f}: val mAP {trained['metrics']['val_mAP']:.2f}, test mAP {tested['mAP']:.2f}")
     write_table(table, proportions, output_dir)
     (output_dir / "runs.json").write_text(json.dumps(records, indent=2))

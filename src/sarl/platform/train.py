@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, t.epochs + 1):
         sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
         _maybe_fail(job, epoch, rank)
         stats = engine.train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, scheduler,
                                        amp=t.amp, grad_clip=t.grad_clip, progress=t.progress and rank == 0,
@@ -116,7 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The bare module: DDP's forward would broadcast buffers, a collective that uneven shards would hang.
         val = engine.evaluate(bare, val_loader, device, metrics=metrics, amp=t.amp, progress=False)
         report = {"epoch": epoch, "loss": stats["loss"], "val_mAP": val["mAP"], "val_CF1": val["CF1"],
-                  "val_OF1": val["OF1"], "samples_per_s": stats["samples_per_s"] * world, "lr": stats["lr"]}
+                  "val_OF1": val["OF1"], "samples_per_s": stats["samples_per_s"] * world, "lr": stats["lr"],
+                  "samples": stats["samples"] * world, "epoch_seconds": time.perf_counter() - epoch_start}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -172,7 +175,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         import os
 
         address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=True,
+        local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}  # the dashboard costs CPU
+        ray.init(address=address, log_to_driver=True, **local,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
 
 
