@@ -36,9 +36,9 @@ def logits_cpu_vs_gpu(name: str, size: int, **overrides) -> bool:
 def train_smoke(model: str, size: int, images: int) -> bool:
     job = load_job("jobs/demo.yaml", [
         f"model.name={model}", "model.pretrained=null", "model.semantic_source=clip",
-        f"data.options.num_images={images}", f"data.options.image_size={size}", "train.epochs=2", "train.batch_size=32", "scaling.num_workers=1",
-        "scaling.use_gpu=true", "scaling.cpus_per_worker=4", f"run.storage_path={tempfile.mkdtemp()}",
-        f"run.name=gpu-{model}", "data.num_workers=4"])
+        f"data.options.num_images={images}", f"data.options.image_size={size}", "data.num_workers=4",
+        "train.epochs=2", "train.batch_size=32", "scaling.num_workers=1", "scaling.use_gpu=true",
+        "scaling.cpus_per_worker=4", f"run.storage_path={tempfile.mkdtemp()}", f"run.name=gpu-{model}"])
     start = time.perf_counter()
     result = run_training(job)
     rate = max(row["samples_per_s"] for row in result["history"])
