@@ -81,7 +81,10 @@ def draw_scene(rng: np.random.Generator, image_size: int, classes: Sequence[int]
     """Draw a scene: how many shapes, which ones (distinct), where, how big, which colours."""
     k = int(rng.integers(min_objects, max_objects + 1))
     chosen = rng.choice(len(classes), size=k, replace=False)
-    background = np.full(3, rng.integers(60, 196)) if class_colors else rng.integers(0, 256, size=3)
+    if class_colors:  # a dark or a light grey: every palette hue stands out from both
+        background = np.full(3, rng.integers(30, 90) if rng.random() < 0.5 else rng.integers(170, 230))
+    else:
+        background = rng.integers(0, 256, size=3)
     objects: list[ShapeObject] = []
     for c in chosen:
         radius = float(rng.uniform(*_RADIUS)) * image_size
