@@ -24,6 +24,7 @@ test: $(BIN)/sarl
 
 bench: $(BIN)/sarl
 	$(BIN)/python bench/model_forward.py
+	$(BIN)/python bench/train_overhead.py
 
 lint: $(BIN)/sarl
 	$(BIN)/ruff check src tests bench

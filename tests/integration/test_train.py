@@ -1,5 +1,6 @@
 """Ray Train on a real local cluster: 2 CPU workers, checkpoints on disk and in moto's S3, recovery, resume."""
 
+import json
 import subprocess
 import sys
 
@@ -74,3 +75,24 @@ def test_bad_input_fails_before_any_worker_starts(s3_server, override, message):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_protocol_uses_the_same_mask_for_every_method_and_writes_the_table(ray_cluster, tmp_path):
+    import numpy as np
+
+    from sarl.model.data import load_mask
+    from sarl.platform.protocol import run_protocol
+
+    out = tmp_path / "protocol"
+    table = run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.2, 0.6], out,
+                         [*SMALL, "train.epochs=1", f"run.storage_path={tmp_path / 'runs'}"])
+    assert set(table) == {"sarl", "global"} and all(set(v) == {0.2, 0.6} for v in table.values())
+    assert "| sarl |" in (out / "table.md").read_text()
+    assert (out / "table.csv").read_text().splitlines()[0] == "method,20%,60%,avg"
+    assert (out / "map_vs_proportion.png").stat().st_size > 0
+    runs = json.loads((out / "runs.json").read_text())
+    masks = {(r["method"], r["proportion"]): load_mask(f"{r['checkpoint']}/partial_labels.npz")[0] for r in runs}
+    assert np.array_equal(masks["sarl", 0.2], masks["global", 0.2])
+    assert np.array_equal(masks["sarl", 0.6], masks["global", 0.6])
+    assert not np.array_equal(masks["sarl", 0.2], masks["sarl", 0.6])
+    assert (masks["sarl", 0.2] >= 0).mean() < (masks["sarl", 0.6] >= 0).mean()

@@ -35,11 +35,6 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, targets, skipped
 
 
-def _model_epoch_hook(loss_fn: nn.Module, epoch: int) -> None:
-    if hasattr(loss_fn, "set_epoch"):
-        loss_fn.set_epoch(epoch)
-
-
 def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device | str = "cpu", epoch: int = 0, scheduler: Any = None, amp: bool = True,
                     grad_clip: float | None = None, max_steps: int | None = None, progress: bool = True,
@@ -50,7 +45,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, opti
     """
     device = torch.device(device)
     model.train()
-    _model_epoch_hook(loss_fn, epoch)
+    if hasattr(loss_fn, "set_epoch"):  # schedules of ll_r / ll_ct and label completion
+        loss_fn.set_epoch(epoch)
     total_loss, samples, skipped, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc or f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)

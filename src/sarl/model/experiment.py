@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import engine
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, field, in_unit_interval, non_negative, positive, to_dict
 from .data import (
     DATASET_KINDS,
@@ -34,7 +34,6 @@ from .data import (
 )
 from .factory import ModelConfig, create_model, get_model_config
 from .losses import LOSSES, build_loss
-from .sarl import SARLModel
 
 MASK_FILE = "partial_labels.npz"
 CONFIG_FILE = "config.yaml"
@@ -212,8 +211,6 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
         if best is None or val["mAP"] > best["val_mAP"]:
             best = {"epoch": epoch, "val_mAP": val["mAP"]}
             save_checkpoint(model, run_dir / "best", extra={"epoch": epoch, "val_mAP": val["mAP"]})
-    from .checkpoint import load_checkpoint
-
     best_model = load_checkpoint(run_dir / "best").to(device)
     test = engine.evaluate(best_model, test_loader, device, amp=t.amp, progress=t.progress, desc="test")
     # Random scores give, per class, AP = its positive rate on average: the chance level of mAP.
@@ -223,7 +220,3 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def is_sarl_model(model: torch.nn.Module) -> bool:
-    return isinstance(getattr(model, "module", model), SARLModel)
