@@ -13,6 +13,7 @@ continues at the next epoch with the same mask.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from . import storage
 from .job import JobConfig
 
 JOB_FILE = "job.yaml"
+log = logging.getLogger("sarl.train")
 
 
 # ------------------------------------------------------------------------------------------- per worker
@@ -130,8 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 (Path(tmp) / JOB_FILE).write_text(yaml.safe_dump(to_dict(job), sort_keys=False))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if job.run.log_every_epoch:
-                    print(f"[{job.run_name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  "
-                          f"val mAP {val['mAP']:.2f}  {report['samples_per_s']:.0f} samples/s", flush=True)
+                    # A logger, not print: Train V2 patches print into its logger *and* the worker's stdout.
+                    log.info(f"[{job.run_name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  "
+                             f"val mAP {val['mAP']:.2f}  {report['samples_per_s']:.0f} samples/s")
             ray.train.report(report, checkpoint=checkpoint)
     shutil.rmtree(scratch, ignore_errors=True)
 
