@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 
 from sarl.platform import storage
@@ -169,3 +170,35 @@ def test_pyarrow_filesystem(s3_bucket: str) -> None:
     storage.write_bytes(f"s3://{s3_bucket}/ray/results/y.txt", b"from boto3")
     with filesystem.open_input_stream(f"{path}/y.txt") as stream:
         assert stream.read() == b"from boto3"
+
+
+@pytest.mark.integration
+def test_job_reads_a_data_set_and_word_vectors_from_s3(s3_bucket, tmp_path):
+    """data.root and model.word_vectors as s3:// URIs: copied to a local cache, then used as local files."""
+    from gensim.models import KeyedVectors
+
+    from sarl.model.data import SyntheticShapes
+    from sarl.model.experiment import prepare_data
+    from sarl.platform.job import load_job
+    from sarl.platform.train import resolve_data_uris
+
+    source = SyntheticShapes(12, image_size=32, num_classes=3, seed=1)
+    source.write_to(tmp_path / "shapes")
+    storage.upload_dir(tmp_path / "shapes", f"s3://{s3_bucket}/data/shapes")
+    kv = KeyedVectors(vector_size=4)
+    kv.add_vectors(source.categories, np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
+    kv.save_word2vec_format(str(tmp_path / "vectors.txt"))
+    storage.write_bytes(f"s3://{s3_bucket}/vectors.txt", (tmp_path / "vectors.txt").read_bytes())
+
+    job = load_job(None, ["data.kind=manifest", f"data.root=s3://{s3_bucket}/data/shapes", "data.test_split=train",
+                          "model.semantic_source=word",
+                          f"model.word_vectors=s3://{s3_bucket}/vectors.txt", f"data.categories={source.categories}"])
+    job = resolve_data_uris(job)
+    assert not storage.is_s3(job.data.root) and not storage.is_s3(job.model["word_vectors"])
+    splits = prepare_data(job)
+    assert len(splits.train) + len(splits.val) == 12
+    np.testing.assert_array_equal(splits.test.labels, source.labels)
+    from sarl.model import create_model
+
+    model = create_model(job.model_config(), splits.categories)
+    assert model.semantics.shape == (3, 4)
