@@ -7,7 +7,6 @@ and restored afterwards, so that code under test finds the part the way it would
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
@@ -59,17 +58,15 @@ def s3_bucket(s3_server: str) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
-    """One real local Ray cluster per test session (started after the S3 server, so workers see its endpoint).
+    """One real local Ray cluster per test session, started the way ``sarl train`` starts one.
 
-    4 logical CPUs on a 2-core machine: two 1-CPU training workers plus Train's controller fit at once.
+    It starts after the S3 server, so its processes inherit the endpoint and credentials. 4 logical CPUs on a
+    2-core machine: two 1-CPU training workers plus Train's controller fit at once.
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {k: os.environ[k] for k in _RAY_ENV if k in os.environ}})
+    from sarl.platform.train import init_ray
+
+    init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
-
-
-_RAY_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
-            "OMP_NUM_THREADS")

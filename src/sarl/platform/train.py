@@ -180,7 +180,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         address = address or os.environ.get("RAY_ADDRESS")
         local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}  # the dashboard costs CPU
         ray.init(address=address, log_to_driver=True, **local,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")},
+                              "worker_process_setup_hook": quiet_state_api_warnings})
+
+
+def quiet_state_api_warnings() -> None:
+    """Train's placement-group cleaner polls the State API, which needs the dashboard; without one it warns
+    every few seconds. The cleaner still does its job (it removes the group once the controller is gone)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def resolve_data_uris(job: JobConfig) -> JobConfig:
