@@ -161,3 +161,14 @@ def test_word_vectors_from_keyed_vectors(tmp_path):
     model = create_model("tiny", NAMES, semantic_source="word", word_vectors=str(path))
     assert model.semantics.shape == (3, 5)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_semantic_vectors_are_centred_and_the_mean_kept():
+    torch.manual_seed(0)
+    raw = create_model("tiny", NAMES, center_semantics=False)
+    torch.manual_seed(0)
+    centred = create_model("tiny", NAMES)
+    mean = raw.semantics.mean(0)
+    torch.testing.assert_close(centred.semantic_mean, mean)
+    torch.testing.assert_close(centred.semantics, F.normalize(raw.semantics - mean, dim=-1))
+    assert torch.count_nonzero(raw.semantic_mean) == 0
