@@ -67,6 +67,6 @@ def ray_cluster(s3_server):
 
     from sarl.platform.train import init_ray
 
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=4, dashboard=False)  # the dashboard's CPU is better spent on the tests
     yield ray
     ray.shutdown()

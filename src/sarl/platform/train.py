@@ -172,22 +172,19 @@ def preflight(job: JobConfig) -> None:
         raise FileNotFoundError(f"data.root {job.data.root} does not exist")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start a local cluster; a no-op when already connected."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None) -> None:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local cluster; a no-op when already connected.
+
+    ``dashboard=False`` saves the dashboard's CPU on small machines (tests, benchmarks); Train's placement-group
+    cleaner then logs State API warnings, as the State API is served by the dashboard.
+    """
     if not ray.is_initialized():
         import os
 
         address = address or os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}  # the dashboard costs CPU
+        local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
         ray.init(address=address, log_to_driver=True, **local,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")},
-                              "worker_process_setup_hook": quiet_state_api_warnings})
-
-
-def quiet_state_api_warnings() -> None:
-    """Train's placement-group cleaner polls the State API, which needs the dashboard; without one it warns
-    every few seconds. The cleaner still does its job (it removes the group once the controller is gone)."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
 
 
 def resolve_data_uris(job: JobConfig) -> JobConfig:
