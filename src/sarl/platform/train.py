@@ -13,6 +13,7 @@ continues at the next epoch with the same mask.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -40,6 +41,7 @@ from . import storage
 from .job import JobConfig
 
 JOB_FILE = "job.yaml"
+HISTORY_FILE = "history.jsonl"
 log = logging.getLogger("sarl.train")
 
 
@@ -136,7 +138,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.info(f"[{job.run_name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  "
                              f"val mAP {val['mAP']:.2f}  {report['samples_per_s']:.0f} samples/s")
             ray.train.report(report, checkpoint=checkpoint)
+        if rank == 0:  # after the report: an epoch is in the history once its checkpoint is persisted
+            append_history(job, report)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def history_uri(job: JobConfig) -> str:
+    return storage.join(job.run.storage_path, job.run_name, HISTORY_FILE)
+
+
+def append_history(job: JobConfig, report: dict[str, Any]) -> None:
+    """One JSON line per epoch in the run's storage: Ray's own table keeps only the checkpoints it kept."""
+    uri = history_uri(job)
+    previous = storage.read_text(uri) if storage.exists(uri) else ""
+    storage.write_text(uri, previous + json.dumps(report) + "\n")
+
+
+def read_history(job: JobConfig) -> list[dict[str, Any]]:
+    """Every epoch the run reported, in order (a repeated epoch keeps its last report)."""
+    uri = history_uri(job)
+    if not storage.exists(uri):
+        return []
+    rows = {}
+    for line in storage.read_text(uri).splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -218,8 +246,5 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     if not best:
         raise RuntimeError(f"run {job.run_name} reported no checkpoint")
     checkpoint, metrics = best[-1]
-    history = []
-    if result.metrics_dataframe is not None:
-        history = sorted(result.metrics_dataframe.to_dict("records"), key=lambda row: row["epoch"])
-    return {"checkpoint": checkpoint_uri(job, checkpoint), "metrics": metrics, "history": history,
+    return {"checkpoint": checkpoint_uri(job, checkpoint), "metrics": metrics, "history": read_history(job),
             "latest_checkpoint": checkpoint_uri(job, result.checkpoint) if result.checkpoint else None}
