@@ -29,3 +29,16 @@ def cards_voc() -> Path:
     if path is None:
         pytest.skip("cards_voc photos absent (../shared/data/cards_voc or $SARL_CARDS_VOC)")
     return path
+
+
+@pytest.fixture
+def make_tree():
+    """Writes a small folder tree (three files, two levels deep) under a given root: storage tests copy it."""
+
+    def make(root: Path) -> None:
+        (root / "sub" / "deep").mkdir(parents=True)
+        (root / "a.txt").write_text("a")
+        (root / "sub" / "b.bin").write_bytes(b"\x00\x01")
+        (root / "sub" / "deep" / "c.json").write_text("{}")
+
+    return make

@@ -50,10 +50,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _protocol(args: argparse.Namespace) -> int:
-    from .platform.protocol import run_protocol, write_table
+    from .platform.protocol import run_protocol
 
-    table = run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides)
-    print(write_table(table, args.proportions, Path(args.output_dir)))
+    run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides)
+    print((Path(args.output_dir) / "table.md").read_text())  # run_protocol wrote it
     print(f"written: {args.output_dir}/table.md, table.csv, map_vs_proportion.png, runs.json")
     return 0
 

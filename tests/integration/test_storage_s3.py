@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,13 +15,6 @@ import pytest
 from sarl.platform import storage
 
 pytestmark = pytest.mark.integration
-
-
-def make_tree(root: Path) -> None:
-    (root / "sub" / "deep").mkdir(parents=True)
-    (root / "a.txt").write_text("a")
-    (root / "sub" / "b.bin").write_bytes(b"\x00\x01")
-    (root / "sub" / "deep" / "c.json").write_text("{}")
 
 
 def closed_port() -> int:
@@ -45,7 +39,7 @@ def test_read_write_exists(s3_bucket: str) -> None:
     assert not storage.exists("s3://sarl-no-such-bucket/x") and not storage.exists("s3://sarl-no-such-bucket")
 
 
-def test_listing_and_delete(s3_bucket: str, tmp_path: Path) -> None:
+def test_listing_and_delete(s3_bucket: str, tmp_path: Path, make_tree: Callable[[Path], None]) -> None:
     make_tree(tmp_path)
     root = f"s3://{s3_bucket}/tree"
     storage.upload_dir(tmp_path, root)
@@ -89,7 +83,7 @@ def test_directory_markers_are_not_files(s3_bucket: str) -> None:
     assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
 
 
-def test_upload_download_dir(s3_bucket: str, tmp_path: Path) -> None:
+def test_upload_download_dir(s3_bucket: str, tmp_path: Path, make_tree: Callable[[Path], None]) -> None:
     make_tree(tmp_path / "src")
     uri = f"s3://{s3_bucket}/runs/r1"
     storage.upload_dir(tmp_path / "src", uri)
@@ -114,7 +108,8 @@ def test_local_copy_of_a_file(s3_bucket: str, tmp_path: Path) -> None:
         storage.local_copy(f"s3://{s3_bucket}/vectors/missing.txt", cache_dir=tmp_path / "cache")
 
 
-def test_local_copy_of_a_prefix(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_copy_of_a_prefix(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                make_tree: Callable[[Path], None]) -> None:
     make_tree(tmp_path / "src")
     uri = f"s3://{s3_bucket}/checkpoints/best"
     storage.upload_dir(tmp_path / "src", uri)

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sarl.platform import storage
-
-
-def make_tree(root: Path) -> None:
-    (root / "sub" / "deep").mkdir(parents=True)
-    (root / "a.txt").write_text("a")
-    (root / "sub" / "b.bin").write_bytes(b"\x00\x01")
-    (root / "sub" / "deep" / "c.json").write_text("{}")
 
 
 def test_uri_helpers() -> None:
@@ -63,7 +57,7 @@ def test_read_write_exists(tmp_path: Path) -> None:
         storage.read_bytes(tmp_path / "missing")
 
 
-def test_listing(tmp_path: Path) -> None:
+def test_listing(tmp_path: Path, make_tree: Callable[[Path], None]) -> None:
     make_tree(tmp_path)
     assert storage.list_dir(tmp_path) == ["a.txt", "sub"]
     assert storage.list_dir(tmp_path / "sub") == ["b.bin", "deep"]
@@ -71,7 +65,7 @@ def test_listing(tmp_path: Path) -> None:
     assert storage.list_dir(tmp_path / "missing") == [] and storage.list_files(tmp_path / "missing") == []
 
 
-def test_delete(tmp_path: Path) -> None:
+def test_delete(tmp_path: Path, make_tree: Callable[[Path], None]) -> None:
     make_tree(tmp_path)
     storage.delete(tmp_path / "a.txt")
     storage.delete(tmp_path / "sub")
@@ -79,7 +73,7 @@ def test_delete(tmp_path: Path) -> None:
     assert storage.list_dir(tmp_path) == []
 
 
-def test_upload_download(tmp_path: Path) -> None:
+def test_upload_download(tmp_path: Path, make_tree: Callable[[Path], None]) -> None:
     source = tmp_path / "src"
     make_tree(source)
     storage.upload_dir(source, tmp_path / "uploaded")
