@@ -36,7 +36,9 @@ class ScoreHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, text_pos: torch.Tensor, text_neg: torch.Tensor | None, global_feat: torch.Tensor,
-                category_feat: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> torch.Tensor:
+                category_feat: torch.Tensor | None = None, dense: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, C); ``bias`` replaces the learnt b_c (serving a vocabulary other than the trained one)."""
         s = self.log_scale.exp()
         if self.kind == "global":
             logits = s * _cos(global_feat, text_pos)
@@ -50,7 +52,7 @@ class ScoreHead(nn.Module):
             logits = self._spatial(s * _cos(dense, text_pos))
             if text_neg is not None:
                 logits = logits - self._spatial(s * _cos(dense, text_neg))
-        return logits + self.bias.to(logits.dtype)
+        return logits + (self.bias if bias is None else bias).to(logits.dtype)
 
     @staticmethod
     def _spatial(region: torch.Tensor) -> torch.Tensor:
