@@ -1,4 +1,6 @@
-"""The ``sarl`` command: ``sarl demo | ...``. Each subcommand is a small function over the library."""
+"""The ``sarl`` command: ``sarl demo | train | evaluate | protocol | serve | vocab``.
+
+Each subcommand is a small function over the library."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from .model.config import ConfigError
 from .platform.protocol import DEFAULT_PROPORTIONS
 from .platform.storage import StorageError
+from .platform.vocab_cli import add_vocab_parser
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -58,6 +61,20 @@ def _protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .platform.serve import ServeConfig, read_serve_config, serve_forever
+
+    config = read_serve_config(args.config) if args.config else ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {})
+    flags = {"checkpoint": args.checkpoint, "vocab_store": args.vocab_store, "word_vectors": args.word_vectors}
+    app_args = {**config.args, **{k: v for k, v in flags.items() if v}}
+    if "checkpoint" not in app_args:
+        print("sarl serve: give --checkpoint (or a --config whose args name one)", file=sys.stderr)
+        return 2
+    config.http_options.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    serve_forever(app_args, config, args.address)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarl", description="SARL: multi-label recognition with partial labels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--output-dir", default="runs/protocol")
     protocol.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     protocol.set_defaults(func=_protocol)
+
+    serve = sub.add_parser("serve", help="HTTP prediction on Ray Serve, following a vocabulary store")
+    serve.add_argument("--checkpoint", help="checkpoint directory or s3:// URI")
+    serve.add_argument("--vocab-store", help="vocabulary store (directory or s3://); default: the checkpoint's")
+    serve.add_argument("--word-vectors", help="word vectors for zero-shot categories of word-vector models")
+    serve.add_argument("--config", help="Serve config file (serve_configs/*.yaml) for deployment settings")
+    serve.add_argument("--host", help="HTTP host (default 127.0.0.1, or the config's)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's)")
+    serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    serve.set_defaults(func=_serve)
+
+    add_vocab_parser(sub)
     return parser
 
 

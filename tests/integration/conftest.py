@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import boto3
 import pytest
@@ -56,17 +57,22 @@ def s3_bucket(s3_server: str) -> str:
 # --- Ray ------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    dashboard_url: str  # http://host:port of the dashboard, which also serves Serve's REST API
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
+def ray_cluster(s3_server) -> Iterator[RayCluster]:
     """One real local Ray cluster per test session, started the way ``sarl train`` starts one.
 
     It starts after the S3 server, so its processes inherit the endpoint and credentials. 4 logical CPUs on a
-    2-core machine: two 1-CPU training workers plus Train's controller fit at once.
+    2-core machine: two 1-CPU training workers plus Train's controller fit at once. With the dashboard, as users
+    run it: Serve's REST API (what ``serve status`` and ``serve deploy`` talk to) is served by it.
     """
     import ray
 
     from sarl.platform.train import init_ray
 
-    init_ray(num_cpus=4, dashboard=False)  # the dashboard's CPU is better spent on the tests
-    yield ray
+    yield RayCluster(dashboard_url=f"http://{init_ray(num_cpus=4, dashboard=True)}")
     ray.shutdown()

@@ -200,19 +200,22 @@ def preflight(job: JobConfig) -> None:
         raise FileNotFoundError(f"data.root {job.data.root} does not exist")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None) -> str | None:
     """Connect to ``address`` (or $RAY_ADDRESS), else start a local cluster; a no-op when already connected.
 
-    ``dashboard=False`` saves the dashboard's CPU on small machines (tests, benchmarks); Train's placement-group
+    Returns the dashboard's address (host:port) when this call started or joined a cluster that has one.
+    ``dashboard=False`` saves the dashboard's CPU on small machines (benchmarks); Train's placement-group
     cleaner then logs State API warnings, as the State API is served by the dashboard.
     """
-    if not ray.is_initialized():
-        import os
+    if ray.is_initialized():
+        return None
+    import os
 
-        address = address or os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
-        ray.init(address=address, log_to_driver=True, **local,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    context = ray.init(address=address, log_to_driver=True, **local,
+                       runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+    return context.dashboard_url or None
 
 
 def resolve_data_uris(job: JobConfig) -> JobConfig:
