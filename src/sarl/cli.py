@@ -18,7 +18,7 @@ from .platform.vocab_cli import add_vocab_parser
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output_dir, args.overrides)
+    run_demo(args.output_dir, args.overrides, serve=not args.no_serve)
     return 0
 
 
@@ -78,8 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarl", description="SARL: multi-label recognition with partial labels")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train tiny SARL and the CLIP global baseline on generated data")
+    demo = sub.add_parser("demo", help="train tiny SARL and the CLIP global baseline on generated data, then serve it")
     demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--no-serve", action="store_true", help="stop after training (skip the Ray Serve part)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
     demo.set_defaults(func=_demo)
 

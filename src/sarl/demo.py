@@ -1,9 +1,10 @@
-"""``sarl demo``: SARL against the CLIP ``global`` baseline on generated data, through Ray Train.
+"""``sarl demo``: SARL against the CLIP ``global`` baseline on generated data, through Ray Train, then served.
 
 Starts a local Ray cluster, trains the tiny SARL model and the ``global`` baseline with 2 CPU workers each at
 30% known labels (the same saved mask for both), evaluates each best-on-validation checkpoint on the complete
-test labels, prints the table and writes a PNG of per-class AP. Everything runs on embedded defaults (the same
-as ``jobs/demo.yaml``); ``key=value`` overrides change any field, e.g. ``train.epochs=2``.
+test labels, prints the table and writes a PNG of per-class AP. Then it serves the SARL checkpoint on Ray Serve
+and changes its vocabulary while serving (:mod:`sarl.demo_serve`). Everything runs on embedded defaults (the
+same as ``jobs/demo.yaml``); ``key=value`` overrides change any field, e.g. ``train.epochs=2``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ DEMO_JOB = {
 METHODS = ["sarl", "global"]
 
 
-def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] = ()) -> dict[str, dict[float, float]]:
+def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] = (),
+             serve: bool = True) -> dict[str, dict[float, float]]:
     from .platform.protocol import run_protocol
 
     output_dir = Path(output_dir)
@@ -45,8 +47,13 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] = ()) ->
                        {r["method"]: r["test_AP"] for r in runs}, title="Synthetic shapes, 30% known labels")
     chance = runs[0]["test_chance_mAP"]
     print(f"\nchance level (mAP of random scores on the test set): {chance:.2f}")
-    print(f"per-class AP plot: {png}\ntables: {output_dir}/table.md, table.csv\n"
-          f"total time: {time.perf_counter() - start:.0f} s")
+    print(f"per-class AP plot: {png}\ntables: {output_dir}/table.md, table.csv")
+    if serve:
+        from .demo_serve import serve_demo
+
+        sarl = next(r for r in runs if r["method"] == "sarl")
+        serve_demo(sarl["checkpoint"], output_dir, DEMO_JOB["data"]["options"]["image_size"])
+    print(f"total time: {time.perf_counter() - start:.0f} s")
     return table
 
 
