@@ -62,6 +62,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(sections) == 1:  # e.g. ``cache: {...}`` of ``CacheConfig | bool``:
+            return _coerce(value, sections[0], key)  # its own errors name the bad nested key
         errors = []
         for arg in args:
             if arg is type(None):

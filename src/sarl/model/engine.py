@@ -28,11 +28,27 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(images, targets[, num_skipped]) from a loader batch (see ``data.collate_skip_bad``)."""
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def _unpack(batch: Any) -> tuple[Inputs, torch.Tensor, int]:
+    """(inputs, targets[, num_skipped]) from a loader batch (see ``data.collate_skip_bad``).
+
+    Inputs are images, or a ``(dense, global)`` pair of cached features (``sarl.model.features``).
+    """
     images, targets = batch[0], batch[1]
     skipped = int(batch[2]) if len(batch) > 2 else 0
     return images, targets, skipped
+
+
+def _to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    if isinstance(inputs, (tuple, list)):
+        return tuple(t.to(device, non_blocking=True) for t in inputs)
+    return inputs.to(device, non_blocking=True)
+
+
+def _batch_size(inputs: Inputs) -> int:
+    return int((inputs[0] if isinstance(inputs, (tuple, list)) else inputs).shape[0])
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -47,15 +63,18 @@ def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, opti
     model.train()
     if hasattr(loss_fn, "set_epoch"):  # schedules of ll_r / ll_ct and label completion
         loss_fn.set_epoch(epoch)
+    if hasattr(getattr(loader, "dataset", None), "set_epoch"):  # cached features: fixed augmented view per epoch
+        loader.dataset.set_epoch(epoch)
     total_loss, samples, skipped, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc or f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in bar:
         images, targets, n_bad = _unpack(batch)
         skipped += n_bad
-        if images.shape[0] == 0:
+        n = _batch_size(images)
+        if n == 0:
             continue
-        images = images.to(device, non_blocking=True)
+        images = _to_device(images, device)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
@@ -69,8 +88,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, opti
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * images.shape[0]
-        samples += images.shape[0]
+        total_loss += loss.item() * n
+        samples += n
         steps += 1
         bar.set_postfix(loss=f"{total_loss / samples:.4f}")
         if max_steps is not None and steps >= max_steps:
@@ -108,9 +127,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         images, targets, n_bad = _unpack(batch)
         skipped += n_bad
-        if images.shape[0] == 0:
+        if _batch_size(images) == 0:
             continue
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = _to_device(images, device), targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
         metrics.update(logits.float(), targets)

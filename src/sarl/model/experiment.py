@@ -3,6 +3,8 @@
 ``ExperimentConfig`` is what a job YAML holds (``jobs/*.yaml``); the platform extends it with Ray sections.
 ``fit`` runs a whole experiment in this process (demo, tests, the benchmark's baseline); the Ray Train
 worker reuses ``prepare_data``, ``build_components`` and the ``engine`` loops, so both paths train identically.
+With ``cache.enabled`` (a frozen visual tower) both also call ``prepare_cached``, which swaps the image datasets
+for features computed once and stored by ``sarl.model.features``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,17 @@ from .data import (
     train_val_split,
 )
 from .factory import ModelConfig, create_model, get_model_config
+from .features import (
+    STORAGE_DTYPES,
+    FeatureCache,
+    FeatureDataset,
+    Features,
+    cache_key,
+    key_digest,
+    weights_digest,
+)
 from .losses import LOSSES, build_loss
+from .sarl import SARLModel
 
 MASK_FILE = "partial_labels.npz"
 CONFIG_FILE = "config.yaml"
@@ -87,6 +100,22 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class CacheConfig:
+    """Feature cache for a frozen visual tower (``sarl.model.features``): encode every image once, then train
+    the decoupling, prompts and head from the stored features, across epochs, runs and sweep trials."""
+
+    enabled: bool = False
+    # Local directory; the platform also accepts s3://bucket/prefix (mirrored in a local directory).
+    root: str = "~/.cache/sarl/features"
+    # Fixed augmented views: with data.augment=standard, K > 1 caches K seeded augmentations of each training
+    # image and epoch e trains on view e % K. 1 = no augmentation (random crops cannot be cached). With
+    # data.augment=none every view would be the same image, so one is cached whatever K says.
+    views: int = field(1, check=positive())
+    seed: int = 0  # seed of the augmented views
+    dtype: str = field("float16", choices=STORAGE_DTYPES)  # storage; float32 is exact, float16 half the size
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     name: str = "sarl"
     # The architecture: {name: tiny|rn50|rn101|vitb16|..., any ModelConfig field: value}.
@@ -96,10 +125,17 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs"
+    # ``cache: true`` is shorthand for ``cache: {enabled: true}`` (further cache keys need the mapping form).
+    cache: CacheConfig | bool = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         self.model = {"name": "tiny", **self.model}  # a model section without a name means the tiny default
-        self.model_config()  # unknown model names or fields fail now, not inside a worker
+        mcfg = self.model_config()  # unknown model names or fields fail now, not inside a worker
+        if isinstance(self.cache, bool):
+            self.cache = CacheConfig(enabled=self.cache)
+        if self.cache.enabled and mcfg.unfreeze != "none":
+            raise ConfigError(f"cache.enabled needs a frozen visual tower, but model.unfreeze is {mcfg.unfreeze!r}: "
+                              "set model.unfreeze=none, or disable the cache")
         try:
             build_loss(self.loss.name, completion=self.loss.completion, **self.loss.params)
         except (ValueError, TypeError) as exc:
@@ -121,10 +157,19 @@ def seed_everything(seed: int) -> None:
 
 @dataclasses.dataclass
 class Splits:
-    train: MultiLabelDataset
-    val: MultiLabelDataset | None
-    test: MultiLabelDataset
+    """The data of an experiment: image datasets from ``prepare_data``, feature datasets from ``prepare_cached``.
+
+    ``source`` is the whole training split (partial labels, training transform) that ``train`` and ``val`` were
+    carved from at ``train_indices`` / ``val_indices``: the feature cache keys on the split, not on the carve.
+    """
+
+    train: MultiLabelDataset | FeatureDataset
+    val: MultiLabelDataset | FeatureDataset | None
+    test: MultiLabelDataset | FeatureDataset
     categories: list[str]
+    source: MultiLabelDataset | None = None
+    train_indices: np.ndarray | None = None
+    val_indices: np.ndarray | None = None
 
 
 def prepare_data(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Splits:
@@ -152,13 +197,85 @@ def prepare_data(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Sp
         if mask_path is not None:
             save_mask(mask_path, partial, {"proportion": d.known_proportion, "seed": d.mask_seed,
                                            "dataset": d.kind, "categories": train.categories})
-    train = train.with_labels(partial)
-    val = None
+    train = source = train.with_labels(partial)
+    val, train_idx, val_idx = None, np.arange(len(train), dtype=np.int64), None
     if d.val_fraction > 0:
         train_idx, val_idx = train_val_split(len(train), d.val_fraction, d.split_seed)
         val = train.subset(val_idx).with_transform(eval_tf)
         train = train.subset(train_idx)
-    return Splits(train, val, test, list(train.categories))
+    return Splits(train, val, test, list(train.categories), source, train_idx, val_idx)
+
+
+def cache_disabled_reason(cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg.cache`` cannot be used although enabled (random augmentation), else None."""
+    if cfg.cache.enabled and cfg.data.augment == "standard" and cfg.cache.views == 1:
+        return ("feature cache disabled: data.augment=standard draws new random crops every epoch, which cached "
+                "features cannot reproduce. Set data.augment=none to cache plain images, or cache.views=K (K > 1) "
+                "to cache K fixed augmented views of every training image")
+    return None
+
+
+def prepare_cached(cfg: ExperimentConfig, splits: Splits, model: SARLModel, device: str | torch.device = "cpu",
+                   parts: tuple[str, ...] = ("train", "val", "test"), cache: FeatureCache | None = None,
+                   progress: bool = False) -> tuple[Splits, dict[str, Any]]:
+    """``splits`` with the datasets named in ``parts`` replaced by cached features of ``model``'s visual tower.
+
+    Returns the new splits and ``{"enabled", "hits", "misses", "reason"}`` (entries found / computed). One
+    entry per (split, transform, views): train and validation share the training split's entry when the
+    training transform is deterministic (``data.augment=none``), and carving another validation set hits.
+    ``cache`` defaults to ``FeatureCache(cfg.cache.root)`` (a local path; the platform passes an S3-backed one).
+
+    Under a ``torch.distributed`` process group rank 0 resolves the entries first, the others after a barrier:
+    one process computes, the rest hit (or, on another machine with a local root, compute their own copy).
+    """
+    reason = cache_disabled_reason(cfg)
+    if not cfg.cache.enabled or reason:
+        if reason:
+            warnings.warn(reason, UserWarning, stacklevel=2)
+        return splits, {"enabled": False, "hits": 0, "misses": 0, "reason": reason}
+    if not model.visual_frozen:
+        raise ValueError("the feature cache needs a frozen visual tower (model.unfreeze=none)")
+    c, d = cfg.cache, cfg.data
+    cache = cache or FeatureCache(c.root)
+    views = c.views if d.augment == "standard" else 1  # without augmentation, extra views would be identical
+    weights = weights_digest(model.visual)
+    source = splits.source
+    # (part, image dataset to encode, split name, views, rows of that dataset, labels of the part)
+    wanted: list[tuple[str, MultiLabelDataset, str, int, np.ndarray | None, np.ndarray]] = []
+    if "train" in parts:
+        ds = source if source is not None else splits.train
+        wanted.append(("train", ds, d.train_split, views, splits.train_indices if source is not None else None,
+                       splits.train.labels))
+    if "val" in parts and splits.val is not None:
+        ds = source.with_transform(splits.val.transform) if source is not None else splits.val
+        wanted.append(("val", ds, d.train_split, 1, splits.val_indices if source is not None else None,
+                       splits.val.labels))
+    if "test" in parts:
+        wanted.append(("test", splits.test, d.test_split, 1, None, splits.test.labels))
+
+    rank, dist = _rank()
+    if dist and rank != 0:
+        torch.distributed.barrier()
+    entries: dict[str, tuple[Features, bool]] = {}
+    result = dataclasses.replace(splits)
+    for part, ds, split, v, rows, labels in wanted:
+        key = cache_key(model, ds, split=split, kind=d.kind, root=d.root, options=d.options, views=v, seed=c.seed,
+                        dtype=c.dtype, weights=weights)
+        digest = key_digest(key)
+        if digest not in entries:
+            entries[digest] = cache.get_or_compute(model, ds, key, cfg.train.eval_batch_size, device,
+                                                   num_workers=d.num_workers, progress=progress)
+        features = entries[digest][0]
+        setattr(result, part, FeatureDataset(features, labels, splits.categories, rows))
+    if dist and rank == 0:
+        torch.distributed.barrier()
+    hits = sum(hit for _, hit in entries.values())
+    return result, {"enabled": True, "hits": hits, "misses": len(entries) - hits, "reason": None}
+
+
+def _rank() -> tuple[int, bool]:
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return (torch.distributed.get_rank() if dist else 0), dist
 
 
 def make_loader(dataset: MultiLabelDataset, batch_size: int, shuffle: bool, num_workers: int,
@@ -194,11 +311,19 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
     seed_everything(cfg.train.seed)
     splits = prepare_data(cfg, run_dir)
     t = cfg.train
-    train_loader = make_loader(splits.train, t.batch_size, True, cfg.data.num_workers, t.seed, drop_last=True)
-    val_loader = make_loader(splits.val or splits.test, t.eval_batch_size, False, cfg.data.num_workers)
-    test_loader = make_loader(splits.test, t.eval_batch_size, False, cfg.data.num_workers)
+
+    def loaders(splits: Splits, num_workers: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+        return (make_loader(splits.train, t.batch_size, True, num_workers, t.seed, drop_last=True),
+                make_loader(splits.val or splits.test, t.eval_batch_size, False, num_workers),
+                make_loader(splits.test, t.eval_batch_size, False, num_workers))
+
+    train_loader, val_loader, test_loader = loaders(splits, cfg.data.num_workers)
     model, loss_fn, optimizer, scheduler = build_components(cfg, splits.categories, len(train_loader))
     model.to(device)
+    splits, cache_stats = prepare_cached(cfg, splits, model, device, progress=t.progress)
+    if cache_stats["enabled"]:  # same lengths, so the scheduler built above still fits
+        log(f"[{cfg.name}] feature cache: {cache_stats['hits']} hit(s), {cache_stats['misses']} miss(es)")
+        train_loader, val_loader, test_loader = loaders(splits, 0)  # rows come from a memory map: no workers
     best, history, start = None, [], time.perf_counter()
     for epoch in range(1, t.epochs + 1):
         stats = engine.train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, scheduler,
@@ -216,7 +341,8 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
     # Random scores give, per class, AP = its positive rate on average: the chance level of mAP.
     chance = float(100 * (splits.test.labels == 1).mean(axis=0).mean())
     results = {"name": cfg.name, "best_epoch": best["epoch"], "val_mAP": best["val_mAP"], "test": test,
-               "chance_mAP": chance, "categories": splits.categories, "train_seconds": time.perf_counter() - start}
+               "chance_mAP": chance, "categories": splits.categories, "train_seconds": time.perf_counter() - start,
+               "cache": cache_stats}
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results

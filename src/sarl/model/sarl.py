@@ -135,8 +135,15 @@ class SARLModel(nn.Module):
             category_feat, _ = self.decoupling(dense, self.semantics)
         return self.head(text_pos, text_neg, global_feat, category_feat=category_feat, dense=dense)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(*self.encode_image(images))
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) from images (B, 3, H, W), or from cached ``(dense, global)`` features.
+
+        One entry point for both keeps the engine, DDP (which passes a tuple argument through) and checkpoints
+        unchanged when a trial trains from a feature cache (``sarl.model.features``).
+        """
+        if isinstance(inputs, (tuple, list)):
+            return self.forward_features(*inputs)
+        return self.forward_features(*self.encode_image(inputs))
 
     @torch.no_grad()
     def attention_maps(self, images: torch.Tensor) -> torch.Tensor:

@@ -247,6 +247,19 @@ def upload_dir(local_dir: Uri, uri: Uri) -> None:
     _parallel(lambda rel: client.upload_file(str(source / rel), bucket, prefix + rel), files)
 
 
+def upload_file(local_path: Uri, uri: Uri) -> None:
+    """Copy one local file to ``uri`` (on S3 through boto3's transfer manager: multipart for large files)."""
+    source = Path(local_path)
+    if not source.is_file():
+        raise FileNotFoundError(str(source))
+    if not is_s3(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, Path(uri))
+        return
+    bucket, key = parse_s3(uri)
+    s3_client().upload_file(str(source), bucket, key)
+
+
 def download_file(uri: Uri, local_path: Uri) -> Path:
     """Copy one file to ``local_path`` (parents created, replaced atomically) and return that path."""
     target = Path(local_path)

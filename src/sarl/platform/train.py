@@ -6,6 +6,10 @@ NCCL on GPU), and runs ``engine.train_one_epoch`` / ``engine.evaluate``. Each ep
 ``ray.train.report`` carrying the validation metrics (computed over the whole validation set: each worker
 scores a disjoint shard and torchmetrics gathers them) and a checkpoint written by rank 0.
 
+With ``cache.enabled`` the worker trains from cached visual features (``sarl.model.features``; an ``s3://``
+root goes through ``feature_store``): rank 0 computes missing entries, the other ranks then hit, and every epoch
+report carries ``cache_hits`` / ``cache_misses``.
+
 A checkpoint holds the weights, the resolved job, the partial-label mask and the training state (epoch,
 optimizer, scheduler, RNG), so a restarted worker group, or a new run with the same name and storage,
 continues at the next epoch with the same mask.
@@ -35,9 +39,19 @@ from ..model import engine
 from ..model.checkpoint import load_train_state, save_checkpoint
 from ..model.config import from_dict, to_dict
 from ..model.data import collate_skip_bad
-from ..model.experiment import MASK_FILE, build_components, make_loader, prepare_data, seed_everything
+from ..model.experiment import (
+    MASK_FILE,
+    Splits,
+    build_components,
+    cache_disabled_reason,
+    make_loader,
+    prepare_cached,
+    prepare_data,
+    seed_everything,
+)
 from ..model.metrics import MultiLabelMetrics
 from . import storage
+from .feature_store import feature_cache
 from .job import JobConfig
 
 JOB_FILE = "job.yaml"
@@ -92,14 +106,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     splits = prepare_data(job, scratch)  # the mask is drawn from its seed, identically on every worker
 
     t = job.train
-    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=t.seed,
-                                 drop_last=True)
-    train_loader = DataLoader(splits.train, batch_size=t.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=job.data.num_workers, collate_fn=collate_skip_bad,
-                              persistent_workers=job.data.num_workers > 0)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
-    val_loader = make_loader(shard(splits.val or splits.test, rank, world), t.eval_batch_size, False,
-                             job.data.num_workers)
+
+    def loaders(splits: Splits, num_workers: int) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+        sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=t.seed,
+                                     drop_last=True)
+        train_loader = DataLoader(splits.train, batch_size=t.batch_size, sampler=sampler, drop_last=True,
+                                  num_workers=num_workers, collate_fn=collate_skip_bad,
+                                  persistent_workers=num_workers > 0)
+        train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
+        val_loader = make_loader(shard(splits.val or splits.test, rank, world), t.eval_batch_size, False,
+                                 num_workers)
+        return sampler, train_loader, val_loader
+
+    sampler, train_loader, val_loader = loaders(splits, job.data.num_workers)
     model, loss_fn, optimizer, scheduler = build_components(job, splits.categories, len(train_loader))
     start_epoch = 1
     if train_state is not None:
@@ -108,6 +127,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(train_state["scheduler"])
         set_rng_state(train_state["rng"])
         start_epoch = int(train_state["epoch"]) + 1
+    cache_report: dict[str, int] = {}
+    if job.cache.enabled:
+        # Rank 0 computes missing entries first, the others hit after a barrier (prepare_cached); the loaders
+        # are rebuilt over the features with the same lengths, so the scheduler above still fits.
+        parts = ("train", "val") if splits.val is not None else ("train", "test")
+        splits, stats = prepare_cached(job, splits, model.to(device), device, parts, feature_cache(job.cache.root))
+        if stats["enabled"]:
+            cache_report = {"cache_hits": stats["hits"], "cache_misses": stats["misses"]}
+            sampler, train_loader, val_loader = loaders(splits, 0)  # rows come from a memory map: no workers
+            if rank == 0:
+                log.info(f"[{job.run_name}] feature cache {job.cache.root}: {stats['hits']} hit(s), "
+                         f"{stats['misses']} miss(es)")
+        elif rank == 0:
+            log.warning(stats["reason"])
     model = ray.train.torch.prepare_model(model)
     bare = getattr(model, "module", model)
     metrics = MultiLabelMetrics(len(splits.categories)).to(device)
@@ -123,7 +156,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = engine.evaluate(bare, val_loader, device, metrics=metrics, amp=t.amp, progress=False)
         report = {"epoch": epoch, "loss": stats["loss"], "val_mAP": val["mAP"], "val_CF1": val["CF1"],
                   "val_OF1": val["OF1"], "samples_per_s": stats["samples_per_s"] * world, "lr": stats["lr"],
-                  "samples": stats["samples"] * world, "epoch_seconds": time.perf_counter() - epoch_start}
+                  "samples": stats["samples"] * world, "epoch_seconds": time.perf_counter() - epoch_start,
+                  **cache_report}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -176,12 +210,13 @@ def scaling_config(job: JobConfig) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
 
 
-def run_config(job: JobConfig) -> ray.train.RunConfig:
+def run_config(job: JobConfig, callbacks: list[Any] | None = None) -> ray.train.RunConfig:
+    """Where the run lives, failures tolerated, checkpoints kept; ``callbacks`` (Tune's reporter) run on the driver."""
     filesystem, path = storage.pyarrow_filesystem(job.run.storage_path)
     if filesystem is None:
         path = str(Path(path).expanduser().resolve())
     return ray.train.RunConfig(
-        name=job.run_name, storage_path=path, storage_filesystem=filesystem,
+        name=job.run_name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks,
         failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints,
                                                      checkpoint_score_attribute="val_mAP",
@@ -198,6 +233,13 @@ def preflight(job: JobConfig) -> None:
     storage.check_writable(job.run.storage_path)
     if job.data.root and not storage.is_s3(job.data.root) and not Path(job.data.root).expanduser().exists():
         raise FileNotFoundError(f"data.root {job.data.root} does not exist")
+    if job.cache.enabled:
+        reason = cache_disabled_reason(job)
+        if reason:
+            log.warning(reason)
+        else:
+            root = job.cache.root
+            storage.check_writable(root if storage.is_s3(root) else Path(root).expanduser())
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None) -> str | None:

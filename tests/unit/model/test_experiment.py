@@ -68,3 +68,19 @@ def test_training_reduces_the_loss_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fit_from_the_feature_cache_learns_hits_on_rerun_and_matches_image_training(tmp_path):
+    frozen = [*SMALL, "train.epochs=4", "model.unfreeze=none"]
+    cfg = load_config(ExperimentConfig, None, [*frozen, "cache.enabled=true", f"cache.root={tmp_path / 'cache'}"])
+    first = fit(cfg, tmp_path / "one", log=lambda *_: None)
+    assert first["cache"] == {"enabled": True, "hits": 0, "misses": 2, "reason": None}  # train split, test split
+    assert first["test"]["mAP"] > first["chance_mAP"] + 5
+    second = fit(cfg, tmp_path / "two", log=lambda *_: None)
+    assert (second["cache"]["hits"], second["cache"]["misses"]) == (2, 0)
+    assert second["val_mAP"] == first["val_mAP"] and second["test"]["mAP"] == first["test"]["mAP"]
+    # Training from (float16) features is training from images: the same run, up to feature rounding.
+    images = fit(load_config(ExperimentConfig, None, frozen), tmp_path / "images", log=lambda *_: None)
+    assert images["cache"]["enabled"] is False
+    assert first["test"]["mAP"] == pytest.approx(images["test"]["mAP"], abs=0.5)
+    assert load_checkpoint(tmp_path / "one" / "best").visual_frozen  # checkpoints stay image models

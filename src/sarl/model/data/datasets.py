@@ -181,8 +181,10 @@ class MultiLabelDataset(Dataset):
         return new
 
 
-def collate_skip_bad(batch: Sequence[Item | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def collate_skip_bad(batch: Sequence[Item | None]) -> tuple[Any, torch.Tensor, int]:
     """Collate ``(image, target)`` items, dropping the ``None`` that skipped bad images leave.
+
+    Items of cached features, ``((dense, global), target)``, collate to a ``(dense, global)`` pair of batches.
 
     Returns ``(images, targets, num_skipped)``. The training engine sums ``num_skipped`` over
     the epoch and reports the count at the end, so a data set with a few broken files trains
@@ -193,6 +195,9 @@ def collate_skip_bad(batch: Sequence[Item | None]) -> tuple[torch.Tensor, torch.
     num_skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0), num_skipped
-    images = torch.stack([item[0] for item in kept])
+    if isinstance(kept[0][0], (tuple, list)):  # cached (dense, global) features: stack each part
+        images = tuple(torch.stack(parts) for parts in zip(*(item[0] for item in kept)))
+    else:
+        images = torch.stack([item[0] for item in kept])
     targets = torch.stack([item[1] for item in kept])
     return images, targets, num_skipped
