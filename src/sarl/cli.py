@@ -1,4 +1,4 @@
-"""The ``sarl`` command: ``sarl demo | train | evaluate | protocol | serve | vocab``.
+"""The ``sarl`` command: ``sarl demo | train | evaluate | protocol | tune | serve | vocab``.
 
 Each subcommand is a small function over the library."""
 
@@ -61,6 +61,23 @@ def _protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .platform.tune import load_sweep, run_sweep
+
+    sweep, job = load_sweep(args.config, args.overrides)
+    result = run_sweep(sweep, job, args.address)
+    out = Path(result["output_dir"])
+    print((out / "trials.md").read_text())
+    best = result["best"]
+    if best is None:
+        print("no trial reported a metric; see the trial errors above", file=sys.stderr)
+        return 1
+    print(f"best: trial {best['trial_id']}, {sweep.metric} {best['best']:.2f}\n"
+          f"written: {out}/trials.csv, trials.md, best_job.yaml, val_map_per_trial.png\n"
+          f"train the best configuration: sarl train --config {out}/best_job.yaml")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .platform.serve import ServeConfig, read_serve_config, serve_forever
 
@@ -110,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--output-dir", default="runs/protocol")
     protocol.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     protocol.set_defaults(func=_protocol)
+
+    tune = sub.add_parser("tune", help="sweep losses and fusion settings on Ray Tune (one TorchTrainer per trial)")
+    tune.add_argument("--config", required=True, help="sweep YAML (jobs/sweep_*.yaml)")
+    tune.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    tune.add_argument("overrides", nargs="*", help="key=value overrides of the sweep, e.g. num_samples=16")
+    tune.set_defaults(func=_tune)
 
     serve = sub.add_parser("serve", help="HTTP prediction on Ray Serve, following a vocabulary store")
     serve.add_argument("--checkpoint", help="checkpoint directory or s3:// URI")

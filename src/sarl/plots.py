@@ -1,4 +1,4 @@
-"""Figures people would rather look at than read: per-class AP, mAP against known-label proportion.
+"""Figures people would rather look at than read: per-class AP, mAP against proportion, sweep curves.
 
 Matplotlib with the Agg backend (no display needed); every function writes a PNG and returns its path.
 """
@@ -59,3 +59,37 @@ def map_vs_proportion(path: str | Path, proportions: Sequence[float], map_by_met
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def trial_curves(path: str | Path, trials: Sequence[Mapping], metric: str = "val_mAP", max_epochs: int | None = None,
+                 title: str = "Validation mAP per trial") -> Path:
+    """One line per sweep trial over epochs; trials stopped early end in an ``x``, the best one is thick.
+
+    ``trials`` are records with ``curve`` (the metric per epoch), ``status`` and ``trial_id``, best first.
+    """
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rank, trial in enumerate(trials):
+        curve = list(trial["curve"])
+        if not curve:
+            continue
+        epochs = np.arange(1, len(curve) + 1)
+        stopped = trial["status"] != "completed"
+        label = f"{trial['trial_id']} ({trial['status']}, best {max(curve):.1f})"
+        (line,) = ax.plot(epochs, curve, linewidth=2.5 if rank == 0 else 1.2, linestyle="--" if stopped else "-",
+                          label=label)
+        if stopped:
+            ax.plot(epochs[-1], curve[-1], marker="x", markersize=9, color=line.get_color())
+    if max_epochs:
+        ax.set_xlim(0.8, max_epochs + 0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title + "  (dashed + x: stopped early by the scheduler)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+

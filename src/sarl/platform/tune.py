@@ -1,0 +1,334 @@
+"""``sarl tune``: sweeps on Ray Tune over partial-label losses, fusion settings and optimiser parameters.
+
+Ray 2.60's pattern (Train V2): Tune runs one small function per trial, and that function builds and fits a
+``TorchTrainer`` running the same ``train_loop_per_worker`` as ``sarl train``; a ``TuneReportCallback`` passes
+each epoch's report (``val_mAP`` ...) to Tune, which schedules (ASHA) and searches. So a trial is exactly a
+``sarl train`` run of its job, and the best trial's job is written out ready to run with ``sarl train``.
+
+A sweep file (``jobs/sweep_*.yaml``)::
+
+    name: sweep_demo
+    job: demo.yaml                 # the job every trial starts from (relative to the sweep file)
+    overrides: {train: {epochs: 6}}
+    space:                         # dotted job keys -> a sampler; `when` makes a parameter conditional
+      loss.name: {choice: [asl, wan]}
+      loss.params.gamma_neg: {uniform: [1, 4], when: {loss.name: asl}}
+      model.fusion: {choice: [bilinear, dot]}
+    num_samples: 8
+    scheduler: {name: asha, grace_period: 2, reduction_factor: 2}
+
+Samplers: ``choice``, ``grid`` (every value), ``uniform``, ``loguniform``, ``randint``. The sweep lives in
+``<storage_path>/<name>`` (local or ``s3://``); running the same sweep again resumes it there: finished trials
+are kept, unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..model.config import ConfigError, field, from_dict, load_yaml, merge, positive, to_dict
+from . import storage
+from .job import JobConfig
+
+log = logging.getLogger("sarl.tune")
+
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+RESULTS = ("trials.csv", "trials.md", "best_job.yaml", "val_map_per_trial.png")
+TRIAL_DRIVER_CPUS = 0.1
+
+
+@dataclasses.dataclass
+class SchedulerSection:
+    name: str = field("asha", choices=("asha", "none"))
+    grace_period: int = field(1, check=positive())  # epochs every trial runs before it can be stopped
+    reduction_factor: float = field(2.0, check=(lambda v: v > 1, "must be > 1"))
+
+
+@dataclasses.dataclass
+class SearchSection:
+    name: str = field("random", choices=("random", "optuna"))  # optuna: pip install optuna
+    seed: int | None = 0
+
+
+@dataclasses.dataclass
+class ResourcesSection:
+    """Per trial: the TorchTrainer's workers (``scaling`` of the trial's job)."""
+
+    num_workers: int = field(1, check=positive())
+    cpus_per_worker: float = field(1.0, check=positive())
+    use_gpu: bool = False
+    gpus_per_worker: float | None = None
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    name: str = "sweep"
+    job: str | None = None  # base job YAML; relative paths are relative to the sweep file
+    overrides: dict = field(default_factory=dict)  # job fields every trial shares
+    space: dict = field(default_factory=dict)  # dotted job key -> {sampler: args, when: {key: value(s)}}
+    metric: str = "val_mAP"
+    mode: str = field("max", choices=("max", "min"))
+    num_samples: int = field(8, check=positive())
+    max_concurrent_trials: int = field(2, check=positive())
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    storage_path: str = "runs/tune"  # local path or s3://bucket/prefix; the sweep lives in <storage_path>/<name>
+    output_dir: str | None = None  # tables, best job and plot; default <storage_path>/<name>/results (local)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for key, spec in self.space.items():
+            if not isinstance(spec, Mapping):
+                problems.append(f"space.{key}: expected a mapping like {{choice: [...]}}, got {spec!r}")
+                continue
+            samplers = [s for s in spec if s in SAMPLERS]
+            unknown = [k for k in spec if k not in (*SAMPLERS, "when")]
+            if len(samplers) != 1 or unknown:
+                problems.append(f"space.{key}: needs exactly one of {', '.join(SAMPLERS)} (and optionally "
+                                f"'when'), got {sorted(spec)}")
+        if self.search.name == "optuna" and any("grid" in s for s in self.space.values() if isinstance(s, Mapping)):
+            problems.append("search optuna cannot take 'grid' entries; use choice")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------- configuration
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, dict[str, Any]]:
+    """The sweep and the base job (as a plain dict, validated) of a sweep file."""
+    from ..model.config import parse_overrides
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    sweep = from_dict(SweepConfig, merge(load_yaml(path), parse_overrides(overrides)))
+    base: dict[str, Any] = {}
+    if sweep.job:
+        job_path = Path(sweep.job) if Path(sweep.job).is_absolute() else path.parent / sweep.job
+        if not job_path.is_file():
+            raise ConfigError(f"{path}: job file {job_path} does not exist")
+        base = load_yaml(job_path)
+    job = merge(base, sweep.overrides)
+    # Trials train with the sweep's resources; every sampled value must make a valid job on its own.
+    job = merge(job, {"scaling": to_dict(sweep.resources)})
+    check_space(sweep, job)
+    return sweep, to_dict(from_dict(JobConfig, job))
+
+
+def _active(spec: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    """Whether a conditional parameter applies: every ``when`` key has (one of) the given value(s)."""
+    for key, wanted in (spec.get("when") or {}).items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if params.get(key) not in allowed:
+            return False
+    return True
+
+
+def trial_job(job: Mapping[str, Any], space: Mapping[str, Any], params: Mapping[str, Any]) -> JobConfig:
+    """The job of one trial: the base job with each active sampled parameter set at its dotted key.
+
+    A sampled ``loss.name`` other than the base job's starts from that loss's defaults: the base job's
+    ``loss.params`` belong to its own loss (ASL's gammas mean nothing to ``wan``).
+    """
+    job = dict(job)
+    base_loss = (job.get("loss") or {}).get("name")
+    if params.get("loss.name", base_loss) != base_loss:
+        job["loss"] = {**job.get("loss", {}), "params": {}}
+    update: dict[str, Any] = {}
+    for key, value in params.items():
+        if not _active(space.get(key, {}), params):
+            continue
+        node = update
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(JobConfig, merge(job, update))
+
+
+def _sampler(spec: Mapping[str, Any]) -> Any:
+    from ray import tune
+
+    kind = next(s for s in spec if s in SAMPLERS)
+    args = spec[kind]
+    if kind == "choice":
+        return tune.choice(list(args))
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    low, high = args
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](low, high)
+
+
+def _probe_values(spec: Mapping[str, Any]) -> list[Any]:
+    """Values a sampler can give that are worth checking: every choice, both ends of a range."""
+    kind = next(s for s in spec if s in SAMPLERS)
+    if kind in ("choice", "grid"):
+        return list(spec[kind])
+    low, high = spec[kind]
+    return [low, high - 1] if kind == "randint" else [low, high]
+
+
+def check_space(sweep: SweepConfig, job: Mapping[str, Any]) -> None:
+    """Every value a sampler can give must make a valid job (with its ``when`` conditions met): fail now,
+    before any trial starts, instead of in trial 7 an hour later."""
+    problems = []
+    for key, spec in sweep.space.items():
+        when = {k: (v[0] if isinstance(v, list) else v) for k, v in (spec.get("when") or {}).items()}
+        for value in _probe_values(spec):
+            params = {**when, key: value}
+            try:
+                trial_job(job, sweep.space, params)
+            except (ConfigError, ValueError, TypeError) as e:
+                problems.append(f"space.{key}={value!r}: {e}")
+    if problems:
+        raise ConfigError("search space gives invalid jobs:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ------------------------------------------------------------------------------------------- one trial
+def run_trial(params: dict[str, Any], job: dict[str, Any], space: dict[str, Any], train_storage: str) -> None:
+    """Tune's function for one trial: the trial's job, fitted by a TorchTrainer that reports to Tune.
+
+    ``params`` are the sampled values (Tune's config); the base job, the space and where Train keeps the
+    trials' runs are the same for every trial and come through ``tune.with_parameters``.
+    """
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import resolve_data_uris, run_config, scaling_config, train_loop_per_worker
+
+    job = trial_job(job, space, params)
+    job.run.storage_path = train_storage
+    job.run.name = tune.get_context().get_trial_id()  # a resumed trial continues its own Train run
+    job = resolve_data_uris(job)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"job": to_dict(job)},
+                           scaling_config=scaling_config(job),
+                           run_config=run_config(job, callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+def _tune_config(sweep: SweepConfig, max_epochs: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if sweep.scheduler.name == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                                  grace_period=sweep.scheduler.grace_period,
+                                  reduction_factor=sweep.scheduler.reduction_factor)
+    if sweep.search.name == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise ConfigError(f"search optuna needs the optuna package ({e}); pip install optuna") from None
+        return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                               max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler,
+                               search_alg=OptunaSearch(seed=sweep.search.seed))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Random and grid search: the generator takes the concurrency limit itself (TuneConfig's would be ignored).
+    search = BasicVariantGenerator(random_state=sweep.search.seed, max_concurrent=sweep.max_concurrent_trials)
+    return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                           scheduler=scheduler, search_alg=search)
+
+
+def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; write the results; returns {trials, best, best_job, output_dir}."""
+    from ray import tune
+
+    from .train import init_ray
+
+    storage.check_writable(sweep.storage_path)
+    init_ray(address or job.get("address"))
+    filesystem, path = storage.pyarrow_filesystem(sweep.storage_path)
+    if filesystem is None:
+        path = str(Path(path).expanduser().resolve())
+    experiment = f"{path.rstrip('/')}/{sweep.name}"
+    train_storage = storage.join(sweep.storage_path if storage.is_s3(sweep.storage_path) else path,
+                                 sweep.name, "train")
+    param_space = {key: _sampler(spec) for key, spec in sweep.space.items()}
+    trainable = tune.with_parameters(run_trial, job=job, space=sweep.space, train_storage=train_storage)
+    # The trial function only waits on its TorchTrainer, whose workers hold the trial's CPUs and GPUs
+    # (Tune refuses a zero request, so it asks for a tenth of a CPU).
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        log.info("resuming sweep %s from %s", sweep.name, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space, storage_filesystem=filesystem)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           tune_config=_tune_config(sweep, job["train"]["epochs"]),
+                           run_config=tune.RunConfig(name=sweep.name, storage_path=path,
+                                                     storage_filesystem=filesystem))
+    grid = tuner.fit()
+    return write_results(sweep, job, _trials(grid, sweep, job["train"]["epochs"]))
+
+
+def _trials(grid: Any, sweep: SweepConfig, max_epochs: int) -> list[dict[str, Any]]:
+    """One record per trial: parameters, per-epoch metric, best value, and how it ended."""
+    trials = []
+    for result in grid:
+        history = result.metrics_dataframe
+        curve = [] if history is None or sweep.metric not in history else history[sweep.metric].tolist()
+        params = result.config
+        active = {k: v for k, v in params.items() if _active(sweep.space[k], params)}
+        best = (max(curve) if sweep.mode == "max" else min(curve)) if curve else None
+        status = ("error" if result.error else "completed" if len(curve) >= max_epochs else "stopped early")
+        trials.append({"trial_id": (result.metrics or {}).get("trial_id", Path(result.path or "?").name),
+                       "status": status,
+                       "epochs": len(curve), "best": best, "curve": curve, "params": active,
+                       **{k: history[k].tolist() if history is not None and k in history else []
+                          for k in ("cache_hits", "cache_misses")},
+                       "error": str(result.error) if result.error else None})
+    key = (lambda t: -t["best"]) if sweep.mode == "max" else (lambda t: t["best"])
+    return sorted([t for t in trials if t["best"] is not None], key=key) + [t for t in trials if t["best"] is None]
+
+
+def write_results(sweep: SweepConfig, job: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """``trials.csv`` / ``trials.md`` (sorted, best first), ``best_job.yaml`` and the per-trial curve PNG."""
+    import csv
+
+    from ..plots import trial_curves
+
+    out = Path(sweep.output_dir or (Path(sweep.storage_path) / sweep.name / "results"
+                                    if not storage.is_s3(sweep.storage_path) else Path("runs/tune") / sweep.name))
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for t in trials for k in t["params"]})
+    header = ["rank", "trial", "status", "epochs", f"best {sweep.metric}", *keys]
+    rows = [[i + 1, t["trial_id"], t["status"], t["epochs"],
+             f"{t['best']:.2f}" if t["best"] is not None else "-",
+             *[_fmt(t["params"].get(k, "-")) for k in keys]] for i, t in enumerate(trials)]
+    with open(out / "trials.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    (out / "trials.md").write_text("\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n")
+    (out / "trials.json").write_text(json.dumps(trials, indent=2, default=str))
+    best = trials[0] if trials and trials[0]["best"] is not None else None
+    best_job = None
+    if best is not None:
+        best_job = to_dict(trial_job(job, sweep.space, best["params"]))
+        best_job["name"] = f"{sweep.name}-best"
+        best_job["run"]["name"] = None
+        header_text = (f"# Best trial of sweep {sweep.name}: {sweep.metric} {best['best']:.2f} after "
+                       f"{best['epochs']} epochs.\n# Run it: sarl train --config {out / 'best_job.yaml'}\n")
+        (out / "best_job.yaml").write_text(header_text + yaml.safe_dump(best_job, sort_keys=False))
+    trial_curves(out / "val_map_per_trial.png", trials, sweep.metric, job["train"]["epochs"],
+                 title=f"Sweep {sweep.name}: {sweep.metric} per trial")
+    if storage.is_s3(sweep.storage_path):  # beside the sweep, too
+        storage.upload_dir(out, storage.join(sweep.storage_path, sweep.name, "results"))
+    return {"trials": trials, "best": best, "best_job": best_job, "output_dir": str(out)}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+__all__ = ["SweepConfig", "check_space", "load_sweep", "run_sweep", "run_trial", "trial_job", "write_results"]
