@@ -25,6 +25,8 @@ test: $(BIN)/sarl
 bench: $(BIN)/sarl
 	$(BIN)/python bench/model_forward.py
 	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/sweep.py
 
 lint: $(BIN)/sarl
 	$(BIN)/ruff check src tests bench
