@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 import yaml
+
+from ._files import write_atomic
 
 if TYPE_CHECKING:
     from gensim.models import KeyedVectors
@@ -396,15 +397,7 @@ class Vocabulary:
             text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
         else:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, default_flow_style=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, text.encode("utf-8"))
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical JSON of :meth:`to_dict` (version included).

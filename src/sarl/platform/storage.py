@@ -28,6 +28,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from ..model._files import write_atomic
+
 if TYPE_CHECKING:
     import pyarrow.fs
 
@@ -157,11 +159,10 @@ def read_bytes(uri: Uri) -> bytes:
 
 
 def write_bytes(uri: Uri, data: bytes) -> None:
-    """Write ``data`` to ``uri``, replacing it; local parent directories are created."""
+    """Write ``data`` to ``uri``, replacing it atomically (readers never see a partial file: S3 PUTs are atomic,
+    local files are written beside the target and renamed over it); local parent directories are created."""
     if not is_s3(uri):
-        path = Path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        write_atomic(uri, data)
         return
     bucket, key = parse_s3(uri)
     s3_client().put_object(Bucket=bucket, Key=key, Body=data)

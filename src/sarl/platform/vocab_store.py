@@ -5,9 +5,9 @@ Layout of a store at ``root``::
     root/versions/<version>.json   one immutable vocabulary per version (``Vocabulary.to_dict()`` as JSON)
     root/CURRENT.json              {"version": ..., "updated_at": ..., "fingerprint": ...}
 
-Serve replicas poll ``CURRENT.json`` (one small read) and reload when its fingerprint changes, so a
+Serve replicas poll ``CURRENT.json`` (one small read) and reload when it changes, so a
 rollback is a pointer move and never rewrites a version. Writes never expose a half-written file: S3
-PUTs are atomic, local files are written beside the target and renamed over it.
+PUTs are atomic and ``storage.write_text`` writes local files beside the target, then renames them.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -67,23 +66,6 @@ def _iso(timestamp: float) -> str:
 def _natural(version: str) -> list[Any]:
     """Sort key that orders "2" before "10"; breaks ties between versions pushed in the same second (S3)."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", version) if t]
-
-
-def _write_atomic(uri: str, text: str) -> None:
-    """Write ``text`` so that readers see the old or the new content, never a partial file."""
-    if storage.is_s3(uri):
-        storage.write_text(uri, text)  # a PUT replaces the object atomically
-        return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _mtimes(directory: str) -> dict[str, float]:
@@ -245,7 +227,7 @@ class VocabStore:
                 raise VocabStoreError(f"version {version} already exists with other content; versions are "
                                       "immutable, push it as a new version")
         else:
-            _write_atomic(uri, json.dumps(vocabulary.to_dict(), indent=2, ensure_ascii=False) + "\n")
+            storage.write_text(uri, json.dumps(vocabulary.to_dict(), indent=2, ensure_ascii=False) + "\n")
         if make_current:
             self._point(version, vocabulary.fingerprint())
         return version
@@ -257,4 +239,4 @@ class VocabStore:
     def _point(self, version: str, fingerprint: str) -> None:
         pointer = {"version": version, "updated_at": _iso(datetime.now(timezone.utc).timestamp()),
                    "fingerprint": fingerprint}
-        _write_atomic(storage.join(self.uri, _POINTER), json.dumps(pointer) + "\n")
+        storage.write_text(storage.join(self.uri, _POINTER), json.dumps(pointer) + "\n")
