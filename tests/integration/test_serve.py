@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -39,7 +40,17 @@ REPO = Path(__file__).resolve().parents[2]
 CARDS = ["ace", "king", "queen", "jack", "ten", "nine"]
 POLL_S = 0.5
 MAX_BODY = 1_000_000
-URL = "http://127.0.0.1:8000"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Not 8000: another Serve (a benchmark, a user's app) may hold it. Serve starts once per cluster with this port.
+PORT = free_port()
+URL = f"http://127.0.0.1:{PORT}"
 
 
 @dataclass
@@ -68,7 +79,7 @@ def start_app(name: str, checkpoint: Path, store_uri: str) -> App:
                "max_ongoing_requests": 16,
                "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "poll_interval_s": POLL_S}}
     deploy({"checkpoint": str(checkpoint), "vocab_store": store_uri, "max_body_bytes": MAX_BODY},
-           ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, options, name=name, route_prefix=f"/{name}"))
+           ServeConfig({"host": "127.0.0.1", "port": PORT}, {}, options, name=name, route_prefix=f"/{name}"))
     app = App(f"{URL}/{name}", store, checkpoint)
     wait_for(lambda: requests.get(f"{app.url}/readyz", timeout=5).status_code == 200, 60)
     return app
@@ -327,6 +338,7 @@ def test_local_serve_config_autoscaling_is_what_serve_reports(ray_cluster, check
     store = VocabStore(tmp_path / "store")
     store.push(first_vocabulary())
     config.name, config.route_prefix = "from-config", "/from-config"
+    config.http_options["port"] = PORT  # the session's proxy (the file says 8000, which may be taken here)
     try:
         deploy({**config.args, "checkpoint": str(checkpoint), "vocab_store": store.uri}, config)
         # Serve's REST API, as `serve status` reads it; the cluster's auth token as `ray get-auth-token` prints it.
