@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +69,10 @@ MODES = {
 }
 TARGETS = (("serve", "raw", 0.8), ("serve", "plain", 1.5))  # (2) >= 0.8x (1), (2) >= 1.5x (4), at concurrency 32
 _T0 = time.perf_counter()
+
+
+def _terminated(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)  # SIGTERM: shut Serve, Ray and the plain server down, remove the temp files
 
 
 def log(message: str) -> None:
@@ -578,7 +583,7 @@ def main() -> None:
     parser.add_argument("--reload-concurrency", type=int, default=8)
     parser.add_argument("--retries", type=int, default=3,
                         help="measure a cell again, up to this many times, when another job used the CPUs meanwhile")
-    parser.add_argument("--quiet-timeout", type=float, default=600, help="longest wait for other jobs to go quiet")
+    parser.add_argument("--quiet-timeout", type=float, default=300, help="longest wait for other jobs to go quiet")
     parser.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "serve", "serve1", "reload"])
     parser.add_argument("--plain-server", nargs=2, metavar=("PORT", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -590,6 +595,7 @@ def main() -> None:
     torch.set_num_threads(args.cpus)
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # replica logs to files: keep this output a report
 
+    signal.signal(signal.SIGTERM, _terminated)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     results: dict[str, dict[int, Cell]] = {key: {} for key in MODES}
     reload = None
@@ -628,6 +634,7 @@ def main() -> None:
 
             init_ray(num_cpus=args.cpus, dashboard=False)
             ray_started = True
+            signal.signal(signal.SIGTERM, _terminated)  # Ray's driver installs its own handler, which aborts
             port = free_port()
             user = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait,
                     "poll_interval_s": args.poll}
