@@ -22,7 +22,7 @@ carries it. Swap latency is push to first response with that version (it include
 0.5 s here); failed requests must be 0, and no request sent after a version was served may get an older one.
 
     python bench/serve.py [--quick] [--duration S] [--concurrency 1 8 32] [--model rn50|tiny]
-    python bench/serve.py --model tiny --quick          # smoke run, about a minute
+    python bench/serve.py --model tiny --quick          # smoke run, about 2 minutes; the full run about 7
 """
 
 from __future__ import annotations

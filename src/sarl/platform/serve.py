@@ -273,7 +273,8 @@ def read_serve_config(path: str | Path) -> ServeConfig:
 def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
     """Start Serve (HTTP options from ``config``) and run the app on the connected Ray cluster; returns its URL.
 
-    Running it again with a new ``user_config`` in ``config.deployment`` reconfigures replicas in place.
+    Running it again replaces the replicas (``serve.run`` gives the deployment a new version); to change only
+    ``user_config`` without restarting them, redeploy the config file with ``serve deploy``.
     """
     config = config or ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {})
     serve.start(http_options=config.http_options)
