@@ -40,7 +40,6 @@ from .job import JobConfig
 log = logging.getLogger("sarl.tune")
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
-RESULTS = ("trials.csv", "trials.md", "best_job.yaml", "val_map_per_trial.png")
 TRIAL_DRIVER_CPUS = 0.1
 
 
@@ -122,6 +121,11 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     return sweep, to_dict(from_dict(JobConfig, job))
 
 
+def _kind(spec: Mapping[str, Any]) -> str:
+    """The sampler of a space entry (``__post_init__`` checked there is exactly one)."""
+    return next(s for s in spec if s in SAMPLERS)
+
+
 def _active(spec: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
     """Whether a conditional parameter applies: every ``when`` key has (one of) the given value(s)."""
     for key, wanted in (spec.get("when") or {}).items():
@@ -156,7 +160,7 @@ def trial_job(job: Mapping[str, Any], space: Mapping[str, Any], params: Mapping[
 def _sampler(spec: Mapping[str, Any]) -> Any:
     from ray import tune
 
-    kind = next(s for s in spec if s in SAMPLERS)
+    kind = _kind(spec)
     args = spec[kind]
     if kind == "choice":
         return tune.choice(list(args))
@@ -168,7 +172,7 @@ def _sampler(spec: Mapping[str, Any]) -> Any:
 
 def _probe_values(spec: Mapping[str, Any]) -> list[Any]:
     """Values a sampler can give that are worth checking: every choice, both ends of a range."""
-    kind = next(s for s in spec if s in SAMPLERS)
+    kind = _kind(spec)
     if kind in ("choice", "grid"):
         return list(spec[kind])
     low, high = spec[kind]
