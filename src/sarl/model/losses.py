@@ -4,19 +4,23 @@ Every loss takes ``logits`` of shape (B, C) and ``targets`` of the same shape wi
 1 = present, 0 = absent, -1 = unknown (float or long), and returns a scalar. The
 normalisation of each loss is stated in its docstring; in short:
 
-- ``bce``, ``asl``: mean over the known entries (unknown entries give zero loss and zero gradient).
-- ``partial_bce``: Durand et al. (CVPR 2019), ``g(p) / (B * C) * sum over known entries``.
+- ``bce``: mean over the known entries (unknown entries give zero loss and zero gradient).
+- ``asl``: sum over the known entries, as the official ASL and DualCoOp (``reduction="mean"``
+  divides by the number of known entries instead).
+- ``partial_bce``: Durand et al. (CVPR 2019), per image ``g(p_i) / C * sum over its known
+  entries`` with ``p_i`` the image's known proportion, averaged over the B images.
 - ``an``, ``wan``, ``ll_r``, ``ll_ct``: mean over all B * C entries (unknown entries are assumed negative).
 
-Modules expose ``set_epoch(epoch)`` (0-based, called once per epoch by the training loop) so
-that epoch-dependent losses (the large-loss schedule, label completion) need no other hook.
+Modules expose ``set_epoch(epoch)`` (1-based, as both training loops count: ``range(1, epochs + 1)``;
+1 before any call) so that epoch-dependent losses (the large-loss schedule, label completion)
+need no other hook.
 
 Example:
     >>> import torch
     >>> loss_fn = build_loss("asl", gamma_neg=4.0)
     >>> logits = torch.tensor([[2.0, -1.0, 0.5]])
     >>> targets = torch.tensor([[1, 0, -1]])
-    >>> loss_fn.set_epoch(0)
+    >>> loss_fn.set_epoch(1)
     >>> loss_fn(logits, targets).shape
     torch.Size([])
 """
@@ -85,22 +89,26 @@ def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def partial_bce_loss(logits: Tensor, targets: Tensor, alpha: float = -4.45, beta: float = 5.45) -> Tensor:
-    """Partial BCE of Durand et al. (CVPR 2019): known-only BCE re-weighted by the known proportion.
+    """Partial BCE of Durand et al. (CVPR 2019): known-only BCE re-weighted by each image's known proportion.
 
-    Durand's per-image loss is ``g(p) / C * sum_{known c} bce_c`` with ``g(p) = alpha * p + beta``
-    (``g(1) = 1``, so with complete labels this is the ordinary BCE mean). As the project spec
-    says, ``p`` is the known proportion of the batch, so the batch loss is
-    ``g(p) * sum_known bce / (B * C)`` = ``g(p) * p * mean_known bce``. Dividing by ``C`` (not by
-    the number of known entries) is what ``g`` was fitted for: it grows as labels vanish, but
-    slower than ``1 / p`` would.
+    Image i's loss is ``g(p_i) / C * sum over its known labels c of bce_ic``, with ``p_i`` the
+    fraction of image i's C labels that are known and ``g(p) = alpha * p + beta`` (``g(1) = 1``,
+    so with complete labels this is the ordinary BCE mean; ``g(0.1) = 5``). The batch loss is the
+    mean over the B images; an image with no known label contributes 0 and still counts in the
+    mean. Dividing by ``C`` (not by the known count) is what ``g`` was fitted for: the weight grows
+    as labels vanish, but slower than ``1 / p_i`` would.
     """
     y, known, _ = _check(logits, targets)
-    n_known = int(known.sum())
-    if n_known == 0:
+    if not bool(known.any()):
         return _zero(logits)
-    p = n_known / known.numel()
+    num_classes = logits.shape[1]
+    p = known.sum(dim=1, keepdim=True).to(logits.dtype) / num_classes  # (B, 1) per-image known proportion
     g = alpha * p + beta
-    return g * torch.where(known, _bce_matrix(logits, y), 0.0).sum() / known.numel()
+    per_image = (g * torch.where(known, _bce_matrix(logits, y), 0.0)).sum(dim=1) / num_classes
+    return per_image.mean()
+
+
+_REDUCTIONS = ("sum", "mean")
 
 
 def asl_loss(
@@ -110,28 +118,40 @@ def asl_loss(
     gamma_pos: float = 1.0,
     margin: float = 0.05,
     eps: float = 1e-8,
+    reduction: str = "sum",
 ) -> Tensor:
-    """Asymmetric loss (Ridnik et al., ICCV 2021) over the known entries, averaged over them.
+    """Asymmetric loss (Ridnik et al., ICCV 2021) over the known entries.
 
     Positives: ``-(1 - q)^gamma_pos * log q``; negatives: ``-q_m^gamma_neg * log(1 - q_m)`` with
-    the shifted probability ``q_m = max(q - margin, 0)``, which discards easy negatives. The
-    focusing weights keep their gradient (the paper's formulation). ``eps`` floors ``1 - q_m``
-    inside the log. The official code sums instead of averaging; the mean keeps the scale
-    independent of batch size and known proportion, like ``bce``.
+    the shifted probability ``q_m = max(q - margin, 0)``, which discards easy negatives (zero loss
+    and gradient for ``q <= margin``). ``eps`` floors ``1 - q_m`` inside the log. The focusing
+    weights ``(1 - q)^gamma_pos`` and ``q_m^gamma_neg`` are detached, as in the official ASL and
+    DualCoOp (``disable_torch_grad_focal_loss=True``): they scale each entry's gradient but are not
+    differentiated themselves. ``reduction="sum"`` (the default) sums over the known entries as
+    both references do, so their learning rates carry over; ``"mean"`` divides by the number of
+    known entries, which makes the scale independent of batch size and known proportion.
     """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {list(_REDUCTIONS)}")
     y, known, _ = _check(logits, targets)
     n_known = int(known.sum())
     if n_known == 0:
         return _zero(logits)
     q = torch.sigmoid(logits)
-    pos = -((1.0 - q) ** gamma_pos) * F.logsigmoid(logits)
+    with torch.no_grad():
+        w_pos = (1.0 - q) ** gamma_pos
+    pos = -w_pos * F.logsigmoid(logits)
     if margin > 0:
         q_m = (q - margin).clamp(min=0.0)
-        neg = -(q_m**gamma_neg) * torch.log((1.0 - q_m).clamp(min=eps))
+        with torch.no_grad():
+            w_neg = q_m**gamma_neg
+        neg = -w_neg * torch.log((1.0 - q_m).clamp(min=eps))
     else:
-        neg = -(q**gamma_neg) * F.logsigmoid(-logits)
-    loss = torch.where(y > 0, pos, neg)
-    return torch.where(known, loss, 0.0).sum() / n_known
+        with torch.no_grad():
+            w_neg = q**gamma_neg
+        neg = -w_neg * F.logsigmoid(-logits)
+    total = torch.where(known, torch.where(y > 0, pos, neg), 0.0).sum()
+    return total if reduction == "sum" else total / n_known
 
 
 def an_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -192,13 +212,13 @@ def ll_ct_loss(logits: Tensor, targets: Tensor, rate: float) -> Tensor:
 
 
 def large_loss_rate(epoch: int, delta_rel: float, max_rate: float = 1.0) -> float:
-    """The large-loss schedule: ``min(delta_rel * epoch, max_rate)`` for a 0-based epoch.
+    """The large-loss schedule: ``min(delta_rel * (epoch - 1), max_rate)`` for a 1-based epoch.
 
-    Kim et al. modify ``(t - 1) * Δrel`` percent of the unknown losses at (1-based) epoch t, so
-    the first epoch is plain AN. Here ``delta_rel`` is a fraction, not a percent: the paper's
-    ``Δrel = 0.2`` (percent per epoch) is ``delta_rel = 0.002``.
+    As Kim et al. (and LargeLossMatters), epoch t modifies ``(t - 1) * Δrel`` of the unknown
+    losses, so epoch 1 is plain AN (an epoch below 1 is treated as 1). Here ``delta_rel`` is a
+    fraction, not a percent: the paper's ``Δrel = 0.2`` (percent per epoch) is ``delta_rel = 0.002``.
     """
-    return min(max(delta_rel * epoch, 0.0), max_rate)
+    return min(max(delta_rel * (epoch - 1), 0.0), max_rate)
 
 
 class PartialLoss(nn.Module):
@@ -206,10 +226,10 @@ class PartialLoss(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.epoch = 0
+        self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
-        """Record the (0-based) epoch; losses without a schedule ignore it."""
+        """Record the (1-based) epoch; losses without a schedule ignore it."""
         self.epoch = int(epoch)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -237,12 +257,16 @@ class PartialBCELoss(PartialLoss):
 class AsymmetricLoss(PartialLoss):
     """``asl``: asymmetric loss over the known entries (see :func:`asl_loss`)."""
 
-    def __init__(self, gamma_neg: float = 2.0, gamma_pos: float = 1.0, margin: float = 0.05, eps: float = 1e-8):
+    def __init__(self, gamma_neg: float = 2.0, gamma_pos: float = 1.0, margin: float = 0.05, eps: float = 1e-8,
+                 reduction: str = "sum"):
         super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; valid: {list(_REDUCTIONS)}")
         self.gamma_neg, self.gamma_pos, self.margin, self.eps = gamma_neg, gamma_pos, margin, eps
+        self.reduction = reduction
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return asl_loss(logits, targets, self.gamma_neg, self.gamma_pos, self.margin, self.eps)
+        return asl_loss(logits, targets, self.gamma_neg, self.gamma_pos, self.margin, self.eps, self.reduction)
 
 
 class AssumeNegativeLoss(PartialLoss):
@@ -260,7 +284,7 @@ class WeakAssumeNegativeLoss(PartialLoss):
 
 
 class _LargeLoss(PartialLoss):
-    """Shared schedule of the large-loss modules: ``rate = min(delta_rel * epoch, max_rate)``."""
+    """Shared schedule of the large-loss modules: ``rate = min(delta_rel * (epoch - 1), max_rate)``, 1-based."""
 
     def __init__(self, delta_rel: float = 0.002, max_rate: float = 1.0) -> None:
         super().__init__()
@@ -291,9 +315,9 @@ class LargeLossCorrection(_LargeLoss):
 class LabelCompletion(nn.Module):
     """Confidence-aware label completion: the extra term added to a base loss after a warm-up.
 
-    From epoch ``warmup_epochs`` on (0-based, so ``warmup_epochs`` epochs are left alone),
-    unknown entries whose detached probability exceeds ``t_pos`` are taken as positives and
-    those below ``t_neg`` as negatives. The term is ``weight * sum over completed entries of
+    Epochs 1 .. ``warmup_epochs`` (1-based, as the training loops count) are left alone; from
+    epoch ``warmup_epochs + 1`` on, unknown entries whose detached probability exceeds ``t_pos``
+    are taken as positives and those below ``t_neg`` as negatives. The term is ``weight * sum over completed entries of
     BCE / (B * C)``: it grows with the number of confident entries instead of giving one
     confident entry the weight of a whole batch. The probabilities choose entries only; the
     targets are hard 0/1, made soft by ``weight``.
@@ -307,16 +331,16 @@ class LabelCompletion(nn.Module):
                 f"got t_neg={t_neg}, t_pos={t_pos}, weight={weight}, warmup_epochs={warmup_epochs}"
             )
         self.warmup_epochs, self.t_pos, self.t_neg, self.weight = warmup_epochs, t_pos, t_neg, weight
-        self.epoch = 0
+        self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
-        """Record the (0-based) epoch that decides whether the warm-up is over."""
+        """Record the (1-based) epoch that decides whether the warm-up is over."""
         self.epoch = int(epoch)
 
     @property
     def active(self) -> bool:
-        """Whether the warm-up is over."""
-        return self.epoch >= self.warmup_epochs
+        """Whether the warm-up is over: the epoch is past ``warmup_epochs``."""
+        return self.epoch > self.warmup_epochs
 
     def completed_targets(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Return (mask of completed unknown entries, their 0/1 targets) from detached probabilities."""

@@ -1,4 +1,8 @@
-"""Partial-label losses against slow per-entry references, plus gradient, schedule and factory checks."""
+"""Partial-label losses against slow per-entry references, plus gradient, schedule and factory checks.
+
+The references are plain Python over entries, written from the formulas (SARL.md, Durand et al. 2019, the
+official ASL), not from the implementation. Epochs are 1-based, as the training loops count them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from sarl.model.losses import (
     LOSSES,
+    AsymmetricLoss,
     LabelCompletion,
     WithLabelCompletion,
     an_loss,
@@ -47,17 +52,19 @@ def ref_bce(logits, targets):
 
 
 def ref_partial_bce(logits, targets):
-    total, n_known = 0.0, 0
-    for _, _, x, t in _entries(logits, targets):
-        if t >= 0:
-            total += _bce(x, t)
-            n_known += 1
-    n = logits.numel()
-    g = -4.45 * (n_known / n) + 5.45
-    return g * total / n
+    """Durand et al. 2019: per image, g(p_i) / C * (BCE summed over its known labels); mean over the images."""
+    b, c = logits.shape
+    per_image = []
+    for i in range(b):
+        row = [(float(logits.detach()[i, j]), int(targets[i, j])) for j in range(c)]
+        known = [(x, t) for x, t in row if t >= 0]
+        p_i = len(known) / c
+        g = -4.45 * p_i + 5.45
+        per_image.append(g / c * sum(_bce(x, t) for x, t in known))
+    return sum(per_image) / b
 
 
-def ref_asl(logits, targets, gamma_neg=2.0, gamma_pos=1.0, margin=0.05, eps=1e-8):
+def ref_asl(logits, targets, gamma_neg=2.0, gamma_pos=1.0, margin=0.05, eps=1e-8, reduction="sum"):
     terms = []
     for _, _, x, t in _entries(logits, targets):
         if t < 0:
@@ -68,7 +75,7 @@ def ref_asl(logits, targets, gamma_neg=2.0, gamma_pos=1.0, margin=0.05, eps=1e-8
         else:
             qm = max(q - margin, 0.0)
             terms.append(-(qm**gamma_neg) * math.log(max(1 - qm, eps)))
-    return sum(terms) / len(terms)
+    return sum(terms) if reduction == "sum" else sum(terms) / len(terms)
 
 
 def ref_an(logits, targets):
@@ -130,10 +137,134 @@ def test_loss_matches_reference(fn, ref, seed):
     assert fn(logits, targets).item() == pytest.approx(ref(logits, targets), rel=1e-10)
 
 
-@pytest.mark.parametrize("params", [{"gamma_neg": 4.0, "gamma_pos": 0.0, "margin": 0.2}, {"margin": 0.0}])
+@pytest.mark.parametrize(
+    "params",
+    [{"gamma_neg": 4.0, "gamma_pos": 0.0, "margin": 0.2}, {"margin": 0.0}, {"reduction": "mean"},
+     {"reduction": "sum", "margin": 0.1}],
+)
 def test_asl_parameters_match_reference(params):
     logits, targets = make_batch(3)
     assert asl_loss(logits, targets, **params).item() == pytest.approx(ref_asl(logits, targets, **params), rel=1e-10)
+
+
+# ---- ASL on a 2 x 3 case worked out by hand ------------------------------------------------------------------------
+# gamma_neg = 2, gamma_pos = 1, margin m = 0.05. Entry by entry, with q = sigmoid(z) and q_m = max(q - m, 0):
+#   positive:  loss = -(1 - q) * log q;       weight w = 1 - q held constant:  d/dz = -w * (1 - q) = -(1 - q)^2
+#   negative:  loss = -q_m^2 * log(1 - q_m);  weight w = q_m^2 held constant, dq_m/dz = q (1 - q) when q > m:
+#              d/dz = w * q (1 - q) / (1 - q_m);  for q <= m the loss is 0 and so is its gradient.
+# Without detaching, the weights' own derivatives add
+#   positive:  +gamma_pos (1 - q)^(gamma_pos - 1) * q (1 - q) * log q            = q (1 - q) log q
+#   negative:  -gamma_neg q_m^(gamma_neg - 1) * q (1 - q) * log(1 - q_m)         = -2 q_m q (1 - q) log(1 - q_m)
+
+ASL_LOGITS = [[1.0, -0.5, 2.0], [0.3, -2.0, -4.0]]
+ASL_TARGETS = [[1, 0, -1], [0, 1, 0]]  # (0, 2) unknown; (1, 2) an easy negative, q = 0.018 < m
+
+
+def _hand_asl_entry(z: float, t: int, m: float = 0.05):
+    """(loss, gradient with detached weights, gradient with the weights differentiated) of one entry."""
+    q = 1.0 / (1.0 + math.exp(-z))
+    if t < 0:
+        return 0.0, 0.0, 0.0
+    if t == 1:
+        loss = -(1.0 - q) * math.log(q)
+        detached = -(1.0 - q) * (1.0 - q)
+        return loss, detached, detached + q * (1.0 - q) * math.log(q)
+    q_m = max(q - m, 0.0)
+    if q_m == 0.0:
+        return 0.0, 0.0, 0.0
+    loss = -(q_m**2) * math.log(1.0 - q_m)
+    detached = q_m**2 * q * (1.0 - q) / (1.0 - q_m)
+    return loss, detached, detached - 2.0 * q_m * q * (1.0 - q) * math.log(1.0 - q_m)
+
+
+def _hand_asl():
+    cells = [[_hand_asl_entry(z, t) for z, t in zip(zs, ts)] for zs, ts in zip(ASL_LOGITS, ASL_TARGETS)]
+    total = sum(loss for row in cells for loss, _, _ in row)
+    detached = [[g for _, g, _ in row] for row in cells]
+    full = [[g for _, _, g in row] for row in cells]
+    return total, detached, full
+
+
+@pytest.mark.parametrize("reduction, n", [("sum", 1), ("mean", 5)])  # 5 known entries, the easy negative included
+def test_asl_value_and_gradient_by_hand(reduction, n):
+    logits = torch.tensor(ASL_LOGITS, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor(ASL_TARGETS)
+    total, detached, full = _hand_asl()
+    loss = asl_loss(logits, targets, gamma_neg=2.0, gamma_pos=1.0, margin=0.05, reduction=reduction)
+    assert loss.item() == pytest.approx(total / n, rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = torch.tensor(detached, dtype=torch.float64) / n
+    assert torch.allclose(grad, expected, rtol=1e-10, atol=1e-15)
+    # The focusing weights are constants: differentiating them would give a visibly different gradient.
+    not_detached = torch.tensor(full, dtype=torch.float64) / n
+    learnt = torch.tensor([[True, True, False], [True, True, False]])
+    assert torch.all((grad[learnt] - not_detached[learnt]).abs() > 1e-3 / n)
+    # The unknown entry and the easy negative give no gradient.
+    assert grad[0, 2] == 0 and grad[1, 2] == 0
+
+
+def test_asl_default_is_the_sum_and_modules_agree():
+    logits = torch.tensor(ASL_LOGITS, dtype=torch.float64)
+    targets = torch.tensor(ASL_TARGETS)
+    total, _, _ = _hand_asl()
+    assert asl_loss(logits, targets).item() == pytest.approx(total, rel=1e-12)
+    assert build_loss("asl")(logits, targets).item() == pytest.approx(total, rel=1e-12)
+    assert build_loss("asl", reduction="sum")(logits, targets).item() == pytest.approx(total, rel=1e-12)
+    assert build_loss("asl", reduction="mean")(logits, targets).item() == pytest.approx(total / 5, rel=1e-12)
+    assert AsymmetricLoss(reduction="mean")(logits, targets).item() == pytest.approx(total / 5, rel=1e-12)
+
+
+def test_asl_unknown_entries_give_zero_loss_and_gradient():
+    targets = torch.tensor(ASL_TARGETS)
+    base = torch.tensor(ASL_LOGITS, dtype=torch.float64)
+    for value in (-8.0, 0.0, 8.0):  # whatever the unknown entry's logit, nothing changes
+        logits = base.clone()
+        logits[0, 2] = value
+        logits.requires_grad_(True)
+        loss = asl_loss(logits, targets)
+        assert loss.item() == pytest.approx(_hand_asl()[0], rel=1e-12)
+        assert torch.autograd.grad(loss, logits)[0][0, 2] == 0
+
+
+def test_asl_unknown_reduction_is_an_error():
+    with pytest.raises(ValueError, match="reduction"):
+        asl_loss(torch.zeros(1, 2), torch.zeros(1, 2), reduction="none")
+    with pytest.raises(ValueError, match="reduction"):
+        build_loss("asl", reduction="avg")
+
+
+# ---- partial BCE: each image weighted by its own known proportion --------------------------------------------------
+
+
+def test_partial_bce_uses_each_images_known_proportion():
+    logits = torch.tensor(
+        [[1.5, -0.5, 2.0, 0.1], [0.3, -1.2, 0.8, -2.0], [0.4, 0.4, -0.4, 1.0], [-0.7, -1.5, 0.2, 3.0]],
+        dtype=torch.float64,
+    )
+    targets = torch.tensor([[1, 0, -1, -1], [0, 1, 1, 0], [-1, -1, -1, -1], [-1, 0, -1, -1]])
+    # p_i = 1/2, 1, 0, 1/4; image 3 has no known label: it contributes 0 and still counts among the 4.
+    rows = [[(1.5, 1), (-0.5, 0)], [(0.3, 0), (-1.2, 1), (0.8, 1), (-2.0, 0)], [], [(-1.5, 0)]]
+    per_image = [(-4.45 * len(r) / 4 + 5.45) / 4 * sum(_bce(x, t) for x, t in r) for r in rows]
+    expected = sum(per_image) / 4
+    value = partial_bce_loss(logits, targets).item()
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert value == pytest.approx(ref_partial_bce(logits, targets), rel=1e-12)
+    # The batch-proportion variant (one g(p) for p = 7/16 over the whole batch) is a different number.
+    batch_p = (-4.45 * 7 / 16 + 5.45) * sum(_bce(x, t) for r in rows for x, t in r) / 16
+    assert abs(value - batch_p) > 1e-3
+    assert build_loss("partial_bce")(logits, targets).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_partial_bce_gradient_is_scaled_per_image():
+    """d/dz of image i's entry is g(p_i) / (B * C) * (q - y): the weight follows the image, not the batch."""
+    logits = torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.3, -0.4]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[1, -1, -1], [0, 1, 0]])  # p = 1/3 and 1
+    (grad,) = torch.autograd.grad(partial_bce_loss(logits, targets), logits)
+    g0, g1 = -4.45 / 3 + 5.45, 1.0
+    assert grad[0, 0].item() == pytest.approx(g0 / 6 * (_sig(0.5) - 1), rel=1e-12)
+    assert grad[0, 1] == 0 and grad[0, 2] == 0
+    for j, (z, y) in enumerate([(2.0, 0), (0.3, 1), (-0.4, 0)]):
+        assert grad[1, j].item() == pytest.approx(g1 / 6 * (_sig(z) - y), rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -236,20 +367,23 @@ def test_rate_counts_are_exact_fractions_of_unknown_entries():
     assert (grad == 0).nonzero()[:, 1].tolist() == [7, 8, 9]  # the three largest logits have the largest AN loss
 
 
-def test_rate_schedule():
-    assert large_loss_rate(0, 0.002) == 0.0
-    assert large_loss_rate(10, 0.002) == pytest.approx(0.02)
+def test_rate_schedule_is_one_based():
+    """Epoch t (1-based, as the loops count) modifies (t - 1) * delta_rel of the unknown entries."""
+    assert large_loss_rate(1, 0.002) == 0.0
+    assert large_loss_rate(11, 0.002) == pytest.approx(0.02)
     assert large_loss_rate(100, 0.05, max_rate=0.4) == 0.4
     logits, targets = make_batch(0)
     for name, flip in (("ll_r", False), ("ll_ct", True)):
         loss = build_loss(name, delta_rel=0.1, max_rate=0.5)
-        loss.set_epoch(0)
+        assert loss.epoch == 1 and loss.rate == 0.0  # before any set_epoch: epoch 1
+        assert loss(logits, targets).item() == pytest.approx(ref_an(logits, targets), rel=1e-10)
+        loss.set_epoch(1)
         assert loss.rate == 0.0
         assert loss(logits, targets).item() == pytest.approx(ref_an(logits, targets), rel=1e-10)  # epoch 1 is AN
-        loss.set_epoch(2)
+        loss.set_epoch(3)
         assert loss.rate == pytest.approx(0.2)
         assert loss(logits, targets).item() == pytest.approx(ref_ll(logits, targets, 0.2, flip), rel=1e-10)
-        loss.set_epoch(9)
+        loss.set_epoch(10)
         assert loss.rate == 0.5
 
 
@@ -282,10 +416,11 @@ def test_label_completion_only_after_warmup():
     assert isinstance(loss, WithLabelCompletion)
     base = ref_bce(logits, targets)
     assert ref_completion(logits, targets, 0.8, 0.2, 0.5) > 0  # the batch has confident unknown entries
-    for epoch in (0, 1):
+    assert loss(logits, targets).item() == pytest.approx(base, rel=1e-12)  # default epoch 1
+    for epoch in (1, 2):  # warmup_epochs = 2: epochs 1 and 2 are left alone
         loss.set_epoch(epoch)
         assert loss(logits, targets).item() == pytest.approx(base, rel=1e-12)
-    loss.set_epoch(2)
+    loss.set_epoch(3)
     expected = base + ref_completion(logits, targets, 0.8, 0.2, 0.5)
     assert loss(logits, targets).item() == pytest.approx(expected, rel=1e-10)
 
@@ -303,9 +438,17 @@ def test_label_completion_gradient_reaches_only_confident_unknown_entries():
 
 def test_label_completion_forwards_epoch_to_base():
     loss = build_loss("ll_r", delta_rel=0.1, completion={"warmup_epochs": 1})
-    loss.set_epoch(3)
+    assert not loss.completion.active and loss.base.rate == 0.0  # default epoch 1
+    loss.set_epoch(2)
+    assert loss.completion.active and loss.base.rate == pytest.approx(0.1)
+    loss.set_epoch(4)
     assert loss.base.rate == pytest.approx(0.3)
     assert loss.completion.active
+
+
+def test_label_completion_without_warmup_is_active_from_epoch_one():
+    completion = LabelCompletion(warmup_epochs=0)
+    assert completion.epoch == 1 and completion.active
 
 
 def test_label_completion_validates_thresholds():
@@ -332,8 +475,9 @@ def test_build_every_loss(name):
 
 def test_build_loss_passes_parameters():
     logits, targets = make_batch(0)
-    loss = build_loss("asl", gamma_neg=4.0, gamma_pos=0.0, margin=0.2)
-    assert loss(logits, targets).item() == pytest.approx(ref_asl(logits, targets, 4.0, 0.0, 0.2), rel=1e-10)
+    loss = build_loss("asl", gamma_neg=4.0, gamma_pos=0.0, margin=0.2, reduction="mean")
+    expected = ref_asl(logits, targets, 4.0, 0.0, 0.2, reduction="mean")
+    assert loss(logits, targets).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_build_loss_unknown_name():
