@@ -107,14 +107,15 @@ def test_devkit_difficult_only_is_unknown_in_test(devkit: Path) -> None:
     assert ds[0][1][VOC_CLASSES.index("cat")].item() == -1.0
 
 
-def test_devkit_difficult_only_is_present_in_training(devkit: Path) -> None:
+def test_devkit_difficult_only_is_absent_in_training_as_the_peers_read_it(devkit: Path) -> None:
     ds = build_dataset("voc", devkit / "VOC2007", "trainval", None)  # root may also be the VOC2007 folder
     assert [Path(p).name for p in ds.image_paths] == ["000001.jpg", "000003.jpg"]
     assert {VOC_CLASSES[c] for c in np.flatnonzero(ds.labels[0] == 1)} == {"person", "dog"}
     (devkit / "VOC2007" / "ImageSets" / "Main" / "train.txt").write_text("000002\n")
     train = build_dataset("voc", devkit, "train", None)
-    assert train.labels[0, VOC_CLASSES.index("cat")] == 1
-    assert build_dataset("voc", devkit, "train", None, difficult="absent").labels[0, VOC_CLASSES.index("cat")] == 0
+    assert train.labels[0, VOC_CLASSES.index("cat")] == 0  # DualCoOp / HCP-MLR-PL skip difficult objects
+    assert train.labels[0, VOC_CLASSES.index("dog")] == 1  # a non-difficult dog is in the image too
+    assert build_dataset("voc", devkit, "train", None, difficult="present").labels[0, VOC_CLASSES.index("cat")] == 1
     assert build_dataset("voc", devkit, "train", None, difficult="unknown").labels[0, VOC_CLASSES.index("cat")] == -1
     assert ds[0][0].shape == (3, 12, 16)
 
@@ -134,7 +135,7 @@ def test_folder_layout_finds_images_by_stem_and_warns_on_unlisted_names(tmp_path
     ds = build_dataset("voc", tmp_path, "train", None)
     assert ds.categories == ["a", "b", "c"]
     assert [Path(p).name for p in ds.image_paths] == ["a.PNG", "b.jpg"]
-    assert ds.labels.tolist() == [[1, 1, 0], [0, 0, 1]]  # difficult-only in a training split: present
+    assert ds.labels.tolist() == [[1, 1, 0], [0, 0, 0]]  # difficult-only in a training split: absent
     with pytest.warns(UserWarning, match="c"):
         only_ab = build_dataset("voc", folder, "train", None, categories=["a", "b"])
     assert only_ab.labels.tolist() == [[1, 1], [0, 0]]

@@ -6,7 +6,7 @@ Build one with :func:`build_dataset`; hide labels with :func:`make_partial_label
 ``dataset.with_labels``; carve validation with :func:`train_val_split` and ``dataset.subset``.
 """
 
-from .build import DATASET_KINDS, build_dataset, build_synthetic
+from .build import DATASET_KINDS, DATASET_WORDS, build_dataset, build_synthetic, category_words
 from .coco import build_coco
 from .datasets import (
     BadImageError,
@@ -22,14 +22,16 @@ from .nuswide import build_nuswide
 from .splits import train_val_split
 from .synthetic import SHAPES, SyntheticShapes
 from .transforms import CLIP_MEAN, CLIP_STD, build_transforms
-from .voc import VOC_CLASSES, build_voc, parse_voc_xml
+from .voc import VOC_CLASSES, VOC_WORDS, build_voc, parse_voc_xml
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DATASET_KINDS",
+    "DATASET_WORDS",
     "SHAPES",
     "VOC_CLASSES",
+    "VOC_WORDS",
     "BadImageError",
     "BadImageWarning",
     "ManifestRow",
@@ -43,6 +45,7 @@ __all__ = [
     "build_synthetic",
     "build_transforms",
     "build_voc",
+    "category_words",
     "check_labels",
     "collate_skip_bad",
     "load_mask",

@@ -15,7 +15,7 @@ from .datasets import MultiLabelDataset, check_on_bad_image
 from .manifest import build_manifest
 from .nuswide import build_nuswide
 from .synthetic import SyntheticShapes
-from .voc import build_voc
+from .voc import VOC_WORDS, build_voc
 
 
 def build_synthetic(
@@ -44,6 +44,13 @@ DATASET_BUILDERS: dict[str, Callable[..., MultiLabelDataset]] = {
     "voc": build_voc,
 }
 DATASET_KINDS: tuple[str, ...] = tuple(sorted(DATASET_BUILDERS))
+# Word-vector lookups for category names of a kind that are not words (``Category.words``).
+DATASET_WORDS: dict[str, dict[str, str]] = {"voc": VOC_WORDS}
+
+
+def category_words(kind: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The words to look up for a kind's category names: the kind's own mapping, then ``overrides``."""
+    return {**DATASET_WORDS.get(kind, {}), **(overrides or {})}
 
 
 def build_dataset(

@@ -13,9 +13,15 @@ Two layouts are read:
 
 Difficult objects. VOC07 evaluation ignores objects marked ``difficult``; here a class whose
 every object in an image is difficult gets label -1 (unknown) in evaluation splits
-(``val``, ``test``), so metrics skip it, as in VOC07. In training splits the object is really
-there, so the label is 1 (present); calling it absent would teach the model a wrong negative.
-``difficult="unknown" | "present" | "absent"`` overrides the choice for any split.
+(``val``, ``test``), so metrics skip it, as in VOC07. In training splits such a class is 0
+(absent): DualCoOp and HCP-MLR-PL skip difficult objects when they read the annotations, and
+the reference numbers (SARL.md) were trained that way, so doing otherwise would change the
+training labels the comparison rests on. ``difficult="unknown" | "present" | "absent"``
+overrides the choice for any split.
+
+Word vectors. Three VOC class names are not words (``diningtable``, ``pottedplant``,
+``tvmonitor``); :data:`VOC_WORDS` gives the words GloVe or word2vec know them by, and the
+experiment uses it for VOC jobs (``data.words`` adds or overrides entries).
 Object names are used as written (only surrounding spaces are stripped); names not among the
 categories are ignored, with one warning listing them.
 """
@@ -36,6 +42,9 @@ VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+
+# What to look up in word vectors for VOC's class names that are not words (Category.words).
+VOC_WORDS: dict[str, str] = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EVAL_SPLITS = ("val", "test")
@@ -88,7 +97,7 @@ def difficult_label_for(split: str, difficult: str) -> int:
     if difficult not in DIFFICULT_POLICIES:
         raise ValueError(f"difficult must be one of {', '.join(DIFFICULT_POLICIES)}; got {difficult!r}")
     if difficult == "auto":
-        difficult = "unknown" if split in EVAL_SPLITS else "present"
+        difficult = "unknown" if split in EVAL_SPLITS else "absent"
     return {"unknown": -1, "present": 1, "absent": 0}[difficult]
 
 
@@ -134,7 +143,7 @@ def build_voc(
         split: image set name (``trainval``, ``test``, ...) or sub-folder name (``train``, ``test``).
         categories: category names in column order; default VOC's 20 (devkit) or the sorted names found.
         year: VOC year folder looked for under a VOCdevkit root.
-        difficult: ``auto`` (unknown in val/test, present otherwise), ``unknown``, ``present`` or ``absent``.
+        difficult: ``auto`` (unknown in val/test, absent otherwise), ``unknown``, ``present`` or ``absent``.
     """
     check_on_bad_image(on_bad_image)
     root = Path(root)
