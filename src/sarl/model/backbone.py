@@ -25,35 +25,60 @@ class PretrainedUnavailableError(RuntimeError):
     """Pretrained weights could not be found locally or downloaded."""
 
 
-def build_clip(clip: str | dict, pretrained: str | None = None) -> CLIP:
+def build_clip(clip: str | dict, pretrained: str | None = None, quick_gelu: bool | None = None) -> CLIP:
     """Build an open_clip ``CLIP`` from a registered name or an inline config dict, then load ``pretrained``.
 
     ``pretrained`` is an open_clip tag (downloaded through open_clip's cache; fails offline with a message
     naming the alternatives), a local weights file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``), or None.
+    The activation of the towers (QuickGELU or GELU) is ``resolve_quick_gelu(clip, pretrained, quick_gelu)``.
     """
     name = clip if isinstance(clip, str) else "<inline>"
-    cfg = open_clip.get_model_config(clip) if isinstance(clip, str) else dict(clip)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip architecture {clip!r}; see open_clip.list_models()")
-    cfg = dict(cfg)
+    cfg = _architecture(clip)
     if "hf_model_name" in cfg.get("text_cfg", {}) or "timm_model_name" in cfg.get("vision_cfg", {}):
         raise ValueError(f"{name}: only open_clip's built-in CLIP towers are supported (no HF/timm towers)")
     cfg.pop("custom_text", None)
-    weights = None
-    if pretrained is not None:
-        weights, quick_gelu = _resolve_pretrained(name, pretrained)
-        cfg["quick_gelu"] = quick_gelu or cfg.get("quick_gelu", False)
+    cfg["quick_gelu"] = resolve_quick_gelu(clip, pretrained, quick_gelu)
+    weights = _resolve_pretrained(name, pretrained) if pretrained is not None else None
     model = CLIP(**cfg)
     if weights is not None:
         open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
     return model
 
 
-def _resolve_pretrained(name: str, pretrained: str) -> tuple[str, bool]:
-    """A local file path for ``pretrained`` and whether its tower uses QuickGELU."""
+def _architecture(clip: str | dict) -> dict:
+    cfg = open_clip.get_model_config(clip) if isinstance(clip, str) else dict(clip)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {clip!r}; see open_clip.list_models()")
+    return dict(cfg)
+
+
+def resolve_quick_gelu(clip: str | dict, pretrained: str | None = None, quick_gelu: bool | None = None) -> bool:
+    """Whether the towers of ``clip`` with weights ``pretrained`` use QuickGELU (else GELU).
+
+    An explicit ``quick_gelu`` (True/False) always wins. Otherwise: an architecture config that says QuickGELU
+    (``RN50-quickgelu`` ...) uses it; an open_clip tag uses its pretrained config's activation (OpenAI weights:
+    QuickGELU); any other source (a local weights file, or an ``s3://`` URI a platform resolves) is assumed to
+    hold the architecture's **OpenAI** weights when the architecture has an ``openai`` tag, so it gets that
+    tag's activation (QuickGELU for RN50, RN101, ViT-B-16 ...): give ``quick_gelu=False`` for a local copy of
+    GELU weights (LAION, DataComp ...). Random towers (``pretrained=None``) and architectures without an
+    ``openai`` tag use GELU. The decision reads no file, so a checkpoint records it and rebuilds the same one.
+    """
+    if quick_gelu is not None:
+        return bool(quick_gelu)
+    if _architecture(clip).get("quick_gelu"):
+        return True
+    if pretrained is None or not isinstance(clip, str):
+        return False
+    tags = open_clip.list_pretrained_tags_by_model(clip)
+    tag = pretrained if pretrained in tags else ("openai" if "openai" in tags else None)
+    return bool(tag and open_clip.get_pretrained_cfg(clip, tag).get("quick_gelu", False))
+
+
+def _resolve_pretrained(name: str, pretrained: str) -> str:
+    """A local file path for ``pretrained`` (a local file as it is, an open_clip tag through its cache)."""
     expanded = os.path.expanduser(pretrained)
     if os.path.isfile(expanded):
-        return expanded, False
+        return expanded
     tags = open_clip.list_pretrained_tags_by_model(name) if name != "<inline>" else []
     pcfg = open_clip.get_pretrained_cfg(name, pretrained) if name != "<inline>" else {}
     if not pcfg:
@@ -70,7 +95,7 @@ def _resolve_pretrained(name: str, pretrained: str) -> tuple[str, bool]:
             f"for random weights") from exc
     if not path or not Path(path).is_file():
         raise PretrainedUnavailableError(f"open_clip returned no file for {name}/{pretrained}")
-    return path, bool(pcfg.get("quick_gelu", False))
+    return path
 
 
 def _interpolate_grid(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -85,14 +110,21 @@ def _interpolate_grid(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class VisualEncoder(nn.Module):
-    """Dense (B, HW, D) and global (B, D) features of a CLIP visual tower, both in the joint embedding space."""
+    """Dense (B, HW, D) and global (B, D) features of a CLIP visual tower, both in the joint embedding space.
 
-    def __init__(self, visual: nn.Module):
+    With ``mean_token`` the dense features are (B, 1 + HW, D): one more region first, as DualCoOp's modified
+    attention pool returns it (``clip/model.py``, ``AttentionConv``: HW + 1 tokens, value and output projected).
+    ResNet: the mean of the layer4 locations plus its positional embedding, value and output projected like every
+    location. ViT: the class token, through ``ln_post`` and ``proj`` like the patch tokens (the global embedding).
+    """
+
+    def __init__(self, visual: nn.Module, mean_token: bool = False):
         super().__init__()
         if not isinstance(visual, (ModifiedResNet, VisionTransformer)):
             raise TypeError(f"unsupported visual tower {type(visual).__name__}")
         self.visual = visual
         self.kind = "resnet" if isinstance(visual, ModifiedResNet) else "vit"
+        self.mean_token = bool(mean_token)
 
     @property
     def output_dim(self) -> int:
@@ -129,8 +161,9 @@ class VisualEncoder(nn.Module):
             bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
             out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=self.training,
             need_weights=False)
-        # Dense: value then output projection at every location (attention to itself only), as in DualCoOp.
-        dense = pool.c_proj(pool.v_proj(x[1:]))  # (HW, B, D)
+        # Dense: value then output projection at every location (attention to itself only), as in DualCoOp;
+        # with ``mean_token`` the mean token too, first.
+        dense = pool.c_proj(pool.v_proj(x if self.mean_token else x[1:]))  # ([1+]HW, B, D)
         return dense.permute(1, 0, 2), g[0]
 
     def _vit(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +180,7 @@ class VisualEncoder(nn.Module):
         x = v.ln_pre(v.patch_dropout(x))
         x = v.ln_post(v.transformer(x))
         x = x @ v.proj  # every token projected as the class token is
-        return x[:, 1:], x[:, 0]
+        return (x if self.mean_token else x[:, 1:]), x[:, 0]
 
 
 class _ParamHolder(nn.Module):

@@ -34,6 +34,11 @@ class ModelConfig:
     clip: str | dict = "RN50"
     # Weights for the CLIP towers: an open_clip tag ("openai", "laion2b_s34b_b79k"), a local file, or null (random).
     pretrained: str | None = None
+    # Activation of the towers: true = QuickGELU (OpenAI CLIP weights), false = GELU, null = decide from the
+    # weights source when the model is built (``backbone.resolve_quick_gelu``: a tag's own activation; a local
+    # file of an architecture with an ``openai`` tag is taken for those weights). A built model and its
+    # checkpoint hold the resolved value, so a reload runs the same network.
+    quick_gelu: bool | None = None
     # Input resolution. The towers keep their native positional embeddings; they are interpolated at run time,
     # so 448 px works with weights trained at 224 px (the paper's RN101 setting).
     image_size: int = field(224, check=positive())

@@ -7,7 +7,9 @@ features once per *key* and stores them on a local path; trials then feed ``SARL
 
 The key is every input the features depend on (``cache_key``): the data set (kind, root, split, options,
 categories and a hash of its item list), the backbone (``ModelConfig.clip``), a sha256 over the visual tower's
-tensors (so random weights of another seed, or another pretrained file, miss), the resolution, the transform
+tensors (so random weights of another seed, or another pretrained file, miss), whether the dense features
+start with a mean token (the ``dualcoop`` head's extra region), whether the visual tower runs QuickGELU (an
+activation the state dict cannot show; ResNet towers have none), the resolution, the transform
 (its ``repr``, which names sizes, mean, std and augmentations), the number of fixed augmented views, their seed
 and the storage dtype. Its sha256 names the entry; a change to any input misses. What the key cannot see is
 the content behind an unchanged image path: replace image files in place and the cache must be cleared.
@@ -22,7 +24,9 @@ Precision: float32 entries reproduce ``model(images)`` to 1e-5 on the logits (th
 practice bit for bit). Float16 rounds every feature with a relative error of at most 2**-11, which moves a
 cosine by about as much, so a logit ``s * cos`` moves by about ``logit_scale * 2**-11`` (1e-2 at the default
 scale of 20): that is the documented tolerance, and the tests assert it. Measured on the tiny ViT and ResNet
-models (sarl, global and dualcoop heads): at most 2.4e-3. ``cache.dtype: float32`` is exact at twice the size.
+models (sarl and global heads): at most 2.4e-3. The ``dualcoop`` head multiplies by DualCoOp's further factor 5
+(5 * 20 * cos), so its bound is 5x that (5e-2); measured 6.9e-3. ``cache.dtype: float32`` is exact at twice the
+size.
 
 Random augmentation cannot be cached (every epoch draws a new crop). ``views=K`` caches K *fixed* augmented
 views instead: view v of item i is the training transform run under a torch generator seeded from
@@ -47,6 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from open_clip.transformer import QuickGELU
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -106,6 +111,12 @@ def cache_key(model: nn.Module, dataset: Any, *, split: str, kind: str | None = 
         "image_size": int(config.image_size),
         "transform": {"repr": repr(dataset.transform), "views": int(views), "seed": int(seed)},
         "dtype": dtype,
+        # Dense features with DualCoOp's mean token are (1 + HW) tokens: never read an entry of the other shape.
+        # Only set when true, so entries of the location-only features keep their names.
+        **({"mean_token": True} if getattr(model.visual, "mean_token", False) else {}),
+        # The activation is no tensor, so the weights digest cannot see it; set only when true (GELU entries and
+        # ResNet towers, whose visual side has no GELU, keep their names).
+        **({"quick_gelu": True} if any(isinstance(m, QuickGELU) for m in model.visual.modules()) else {}),
     }
 
 

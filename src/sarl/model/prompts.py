@@ -86,11 +86,18 @@ class PromptLearner(nn.Module):
         else:
             shape = (len(names), n_ctx, text.width) if mode == "class_specific" else (n_ctx, text.width)
             self.ctx = nn.Parameter(self._init_ctx(shape, ctx_init))
-            self.neg_ctx = nn.Parameter(self._init_ctx(shape, None)) if negative else None
+            # Initialised like the positive context (its own random draw), as DualCoOp initialises both prompts
+            # the same way: both random, or both from the given words.
+            self.neg_ctx = nn.Parameter(self._init_ctx(shape, ctx_init)) if negative else None
         self.set_names(names)
 
     def _init_ctx(self, shape: tuple[int, ...], ctx_init: str | None) -> torch.Tensor:
-        """N(0, 0.02), with the last words replaced by the embedded ``ctx_init`` phrase when given."""
+        """N(0, 0.02), with the last words replaced by the embedded ``ctx_init`` phrase when given.
+
+        With M = number of words of ``ctx_init`` (CoOp's choice) the prompt starts as exactly those words, so t_c
+        equals CLIP's text feature of ``"{ctx_init} {name}."``; with a larger M (the default M = 16 with
+        "a photo of a") the first M - words vectors are random and the phrase sits right before the name.
+        """
         ctx = torch.randn(shape) * 0.02
         if ctx_init:
             tokens = tokenize([ctx_init], self.text.context_length)
@@ -119,8 +126,15 @@ class PromptLearner(nn.Module):
             emb = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + self.n_ctx:]], dim=1)
         return self.text(emb, self.tokens)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the prompt features depend on a trained parameter (the context, or the text tower)."""
+        return any(p.requires_grad for p in self.parameters())
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.ctx is None:  # handcrafted: nothing to learn, never build a graph
+        if self.ctx is None:  # handcrafted: a graph only when the text tower trains (unfreeze: all)
+            if self.trainable:
+                return self._features(None), None
             with torch.no_grad():
                 return self._features(None), None
         pos = self._features(self.ctx)

@@ -2,7 +2,8 @@
 
 The three heads share every part, so SARL and its baselines differ only in ``ModelConfig.head``:
 ``sarl`` (decoupled category features vs category prompts), ``global`` (CLIP's global embedding vs prompts)
-and ``dualcoop`` (region logits against positive/negative prompts, spatially aggregated).
+and ``dualcoop`` (DualCoOp: region logits against positive/negative prompts over the locations and the mean
+token, aggregated by the positive side's spatial softmax).
 
 ``forward(images)`` is ``forward_features(*encode_image(images))``: the split lets a feature cache (frozen
 backbone) feed ``forward_features`` directly. Text features do not depend on the image, so outside training
@@ -11,12 +12,13 @@ they are computed once and cached until the weights or the categories change.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from .backbone import VisualEncoder, build_clip
+from .backbone import VisualEncoder, build_clip, resolve_quick_gelu
 from .decoupling import SemanticDecoupling
 from .factory import ModelConfig
 from .heads import ScoreHead
@@ -30,10 +32,14 @@ class SARLModel(nn.Module):
     def __init__(self, config: ModelConfig, vocabulary: Vocabulary, word_vectors: Any = None,
                  semantics: torch.Tensor | None = None, load_pretrained: bool = True):
         super().__init__()
+        # The activation is resolved once and kept in the config: a checkpoint rebuilds the same network.
+        config = dataclasses.replace(config, quick_gelu=resolve_quick_gelu(config.clip, config.pretrained,
+                                                                          config.quick_gelu))
         self.config = config
         self.vocabulary = vocabulary
-        clip = build_clip(config.clip, config.pretrained if load_pretrained else None)
-        self.visual = VisualEncoder(clip.visual)
+        clip = build_clip(config.clip, config.pretrained if load_pretrained else None, config.quick_gelu)
+        # DualCoOp keeps the mean token as one more region (HW + 1 dense tokens); the other heads use locations only.
+        self.visual = VisualEncoder(clip.visual, mean_token=config.head == "dualcoop")
         self.text = TextEncoder(clip)
         for p in self.parameters():
             p.requires_grad_(False)
@@ -91,12 +97,16 @@ class SARLModel(nn.Module):
         return not any(p.requires_grad for p in self.visual.parameters())
 
     def train(self, mode: bool = True) -> SARLModel:
-        """Frozen towers stay in eval mode (BatchNorm statistics of a frozen ResNet must not drift)."""
+        """Only modules with trainable parameters train: frozen parts of the towers stay in eval mode.
+
+        A module of a tower trains when any parameter in it requires grad, so with ``unfreeze: last_block`` the
+        last ResNet block (and its BatchNorms) trains while the BatchNorms of the frozen blocks keep their
+        running statistics and normalise with them, as DualCoOp keeps its frozen CLIP in eval mode.
+        """
         super().train(mode)
-        if self.visual_frozen:
-            self.visual.eval()
-        if not any(p.requires_grad for p in self.text.parameters()):
-            self.text.eval()
+        for tower in (self.visual, self.text):
+            for module in tower.modules():
+                module.training = mode and any(p.requires_grad for p in module.parameters())
         if mode:
             self._text_cache = None
         return self
@@ -118,8 +128,8 @@ class SARLModel(nn.Module):
         return self.visual(images)
 
     def text_features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt features (t_c+, t_c- or None); cached outside training (they do not depend on the image)."""
-        cacheable = self.cache_text and (not self.training or self.prompts.ctx is None)
+        """Prompt features (t_c+, t_c- or None); cached unless they train (they do not depend on the image)."""
+        cacheable = self.cache_text and (not self.training or not self.prompts.trainable)
         if cacheable and self._text_cache is not None:
             return self._text_cache
         feats = self.prompts()

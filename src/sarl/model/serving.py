@@ -15,7 +15,8 @@ match is zero-shot:
 - semantic vector: its explicit ``vector``, else word vectors or CLIP text as the model was trained
   (``ModelConfig.semantic_source``), centred with the training mean (``SARLModel.semantic_mean``) and
   normalised exactly as the trained vectors were;
-- bias: the mean of the trained biases (the prior of an average category).
+- bias: the mean of the trained biases (the prior of an average category); zero for a head without bias
+  (``dualcoop``).
 
 With the checkpoint's own vocabulary, ``score`` equals ``model(images).sigmoid()``.
 """
@@ -139,7 +140,8 @@ def bind_vocabulary(model: SARLModel, vocabulary: Vocabulary, word_vectors: Any 
             out[zero] = fill.to(out)
         return out
 
-    bias = model.head.bias.detach()
+    # A head without a learnt bias (dualcoop) scores with zero bias, zero-shot categories included.
+    bias = model.head.bias.detach() if model.head.bias is not None else torch.zeros(len(trained_pos), device=device)
     semantics = None
     if model.decoupling is not None:
         fill = _zero_shot_semantics(model, zero_cats, word_vectors) if zero else None
