@@ -55,7 +55,7 @@ def chance_map(labels) -> float:
 def _evaluate_local(ckpt_dir: Path, job: JobConfig, split: str, rank: int = 0, world: int = 1,
                     device: torch.device | str = "cpu") -> dict[str, Any]:
     dataset, categories = _split(job, ckpt_dir, split)
-    model = load_checkpoint(ckpt_dir).to(device)
+    model = load_checkpoint(ckpt_dir, map_location=device, resolve=storage.local_copy)  # s3:// weights source
     loader = make_loader(shard(dataset, rank, world), job.train.eval_batch_size, False, job.data.num_workers)
     metrics = MultiLabelMetrics(len(categories)).to(device)
     result = engine.evaluate(model, loader, device, metrics=metrics, amp=job.train.amp,
