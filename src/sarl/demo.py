@@ -22,7 +22,7 @@ DEMO_JOB = {
     "data": {"kind": "synthetic", "known_proportion": 0.3, "augment": "none", "num_workers": 0,
              "options": {"num_images": 1200, "image_size": 64, "seed": 0}},
     "loss": {"name": "asl"},
-    "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "warmup_epochs": 0.5},
+    "optim": {"name": "adamw", "lr": 0.003, "lr_batch_size": 64, "weight_decay": 0.0001, "warmup_epochs": 0.5},
     "train": {"epochs": 15, "batch_size": 32, "eval_batch_size": 128, "progress": False},
     "scaling": {"num_workers": 2, "cpus_per_worker": 1},
     "run": {"storage_path": "runs/ray", "max_failures": 1, "keep_checkpoints": 2},
@@ -41,7 +41,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] = (),
     stamp = time.strftime("%Y%m%d-%H%M%S")
     table = run_protocol(None, METHODS, [proportion], output_dir, [f"run.name=demo-{stamp}", *overrides],
                          base=DEMO_JOB)
-    print("\ntest mAP (%), methods x known-label proportion:\n" + (output_dir / "table.md").read_text())
+    print("\nmethods x known-label proportion:\n" + (output_dir / "table.md").read_text())
     runs = json.loads((output_dir / "runs.json").read_text())
     png = per_class_ap(output_dir / "per_class_ap.png", runs[0]["categories"],
                        {r["method"]: r["test_AP"] for r in runs}, title="Synthetic shapes, 30% known labels")

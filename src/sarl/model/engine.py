@@ -52,7 +52,7 @@ def _batch_size(inputs: Inputs) -> int:
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device | str = "cpu", epoch: int = 0, scheduler: Any = None, amp: bool = True,
+                    device: torch.device | str = "cpu", epoch: int = 1, scheduler: Any = None, amp: bool = True,
                     grad_clip: float | None = None, max_steps: int | None = None, progress: bool = True,
                     desc: str | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, samples, samples/s, skipped images and the learning rate.
@@ -147,16 +147,28 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
     return result
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: matrices and prompt contexts do; biases, gains and the logit scale do not.
+
+    As in CLIP training (open_clip's ``exclude``): decay would pull the log scale towards 0 (s -> 1) and the
+    per-category biases towards 0, i.e. towards priors the data did not choose.
+    """
+    return param.ndim >= 2 and not any(part in name for part in ("bias", "log_scale", "logit_scale", ".bn", ".ln"))
+
+
 def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.002, weight_decay: float = 5e-4,
                     momentum: float = 0.9) -> torch.optim.Optimizer:
-    """SGD (the peers' recipe) or AdamW over the trainable parameters only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """SGD (the peers' recipe) or AdamW over the trainable parameters only; see :func:`decays` for the decay."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
 
 

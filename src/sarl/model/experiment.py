@@ -29,6 +29,7 @@ from .data import (
     MultiLabelDataset,
     build_dataset,
     build_transforms,
+    category_words,
     collate_skip_bad,
     load_mask,
     make_partial_labels,
@@ -47,6 +48,7 @@ from .features import (
 )
 from .losses import LOSSES, build_loss
 from .sarl import SARLModel
+from .vocabulary import Category, Vocabulary
 
 MASK_FILE = "partial_labels.npz"
 CONFIG_FILE = "config.yaml"
@@ -69,6 +71,9 @@ class DataConfig:
     on_bad_image: str = field("error", choices=("error", "skip"))
     num_workers: int = field(2, check=non_negative())
     options: dict = field(default_factory=dict)  # kind-specific: num_images, seed, annotation_file, ...
+    # Words to look up in the word vectors for category names that are not words ({"tvmonitor": "tv monitor"});
+    # added to the kind's own mapping (VOC ships one, ``data.VOC_WORDS``).
+    words: dict = field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -86,6 +91,17 @@ class OptimConfig:
     momentum: float = field(0.9, check=non_negative())
     scheduler: str = field("cosine", choices=("cosine", "constant"))
     warmup_epochs: float = field(0.0, check=non_negative())
+    # ``lr`` is the learning rate for a global batch of ``lr_batch_size`` images (default: train.batch_size, i.e.
+    # one worker). Data-parallel training with N workers steps on N x train.batch_size images at once, so the
+    # rate is scaled by ``lr_scaling``: linear (Goyal et al. 2017; with sum-reduced losses and DDP's gradient
+    # mean this keeps the update per image of the single-worker recipe), sqrt, or none.
+    lr_batch_size: int | None = field(None, check=positive())
+    lr_scaling: str = field("linear", choices=("linear", "sqrt", "none"))
+
+    def effective_lr(self, batch_size: int, world_size: int = 1) -> float:
+        """The rate used for a global batch of ``world_size * batch_size`` images."""
+        ratio = world_size * batch_size / (self.lr_batch_size or batch_size)
+        return self.lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[self.lr_scaling]
 
 
 @dataclasses.dataclass
@@ -97,6 +113,9 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = None
     progress: bool = True
+    # Also score the (complete) test labels after every epoch, for the test-selected number the peers' tables
+    # report (best test mAP over epochs). Model selection still uses validation only; this only measures.
+    test_every_epoch: bool = False
 
 
 @dataclasses.dataclass
@@ -189,9 +208,7 @@ def prepare_data(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Sp
     mask_path = Path(run_dir) / MASK_FILE if run_dir is not None else None
     if mask_path is not None and mask_path.is_file():
         partial, meta = load_mask(mask_path)
-        if partial.shape != train.labels.shape or meta.get("proportion") != d.known_proportion:
-            raise ValueError(f"{mask_path} was saved for shape {meta.get('shape')} and p={meta.get('proportion')}, "
-                             f"not {list(train.labels.shape)} and p={d.known_proportion}")
+        check_mask(mask_path, partial, meta, train.labels.shape, d.known_proportion, d.mask_seed, train.categories)
     else:
         partial = make_partial_labels(train.labels, d.known_proportion, d.mask_seed)
         if mask_path is not None:
@@ -204,6 +221,19 @@ def prepare_data(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Sp
         val = train.subset(val_idx).with_transform(eval_tf)
         train = train.subset(train_idx)
     return Splits(train, val, test, list(train.categories), source, train_idx, val_idx)
+
+
+def check_mask(path: Path, partial: np.ndarray, meta: dict[str, Any], shape: tuple[int, ...], proportion: float,
+               seed: int, categories: list[str]) -> None:
+    """Refuse a saved mask drawn for another data set, proportion or seed (a reused run directory would
+    otherwise silently train on the old mask); every mismatch is named."""
+    found = {"shape": list(partial.shape), "proportion": meta.get("proportion"), "seed": meta.get("seed"),
+             "categories": meta.get("categories", list(categories))}
+    wanted = {"shape": list(shape), "proportion": proportion, "seed": seed, "categories": list(categories)}
+    diffs = [f"{k} {found[k]!r} (job: {wanted[k]!r})" for k in wanted if found[k] != wanted[k]]
+    if diffs:
+        raise ValueError(f"{path} was drawn for another job: {'; '.join(diffs)}. Use a new run directory "
+                         "(or run name), or restore the job's data settings")
 
 
 def cache_disabled_reason(cfg: ExperimentConfig) -> str | None:
@@ -286,12 +316,22 @@ def make_loader(dataset: MultiLabelDataset, batch_size: int, shuffle: bool, num_
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
-def build_components(cfg: ExperimentConfig, categories: list[str], steps_per_epoch: int):
-    """Model, loss, optimiser and per-step scheduler for an experiment."""
-    model = create_model(cfg.model_config(), categories)
+def experiment_vocabulary(cfg: ExperimentConfig, categories: list[str]) -> Vocabulary:
+    """The training vocabulary: the data set's categories, with word lookups for names that are not words."""
+    words = category_words(cfg.data.kind, cfg.data.words)
+    unknown = sorted(set(cfg.data.words) - set(categories))
+    if unknown:
+        raise ConfigError(f"data.words names categories the data set does not have: {', '.join(unknown)}")
+    return Vocabulary([Category(name=n, words=words.get(n)) for n in categories])
+
+
+def build_components(cfg: ExperimentConfig, categories: list[str], steps_per_epoch: int, world_size: int = 1):
+    """Model, loss, optimiser and per-step scheduler for an experiment on ``world_size`` data-parallel workers."""
+    model = create_model(cfg.model_config(), experiment_vocabulary(cfg, categories))
     loss_fn = build_loss(cfg.loss.name, completion=cfg.loss.completion, **cfg.loss.params)
     o = cfg.optim
-    optimizer = engine.build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
+    lr = o.effective_lr(cfg.train.batch_size, world_size)
+    optimizer = engine.build_optimizer(model, o.name, lr, o.weight_decay, o.momentum)
     total = steps_per_epoch * cfg.train.epochs
     scheduler = engine.build_scheduler(optimizer, o.scheduler, total, int(o.warmup_epochs * steps_per_epoch))
     return model, loss_fn, optimizer, scheduler
@@ -331,18 +371,22 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
                                        desc=f"{cfg.name} epoch {epoch}/{t.epochs}")
         val = engine.evaluate(model, val_loader, device, amp=t.amp, progress=t.progress, desc="validate")
         history.append({"epoch": epoch, "loss": stats["loss"], "val_mAP": val["mAP"],
-                        "samples_per_s": stats["samples_per_s"]})
+                        "samples_per_s": stats["samples_per_s"], "lr": stats["lr"]})
+        if t.test_every_epoch:
+            history[-1]["test_mAP"] = engine.evaluate(model, test_loader, device, amp=t.amp, progress=False)["mAP"]
         log(f"[{cfg.name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  val mAP {val['mAP']:.2f}")
         if best is None or val["mAP"] > best["val_mAP"]:
             best = {"epoch": epoch, "val_mAP": val["mAP"]}
             save_checkpoint(model, run_dir / "best", extra={"epoch": epoch, "val_mAP": val["mAP"]})
-    best_model = load_checkpoint(run_dir / "best").to(device)
+    best_model = load_checkpoint(run_dir / "best", map_location=device)
     test = engine.evaluate(best_model, test_loader, device, amp=t.amp, progress=t.progress, desc="test")
     # Random scores give, per class, AP = its positive rate on average: the chance level of mAP.
     chance = float(100 * (splits.test.labels == 1).mean(axis=0).mean())
     results = {"name": cfg.name, "best_epoch": best["epoch"], "val_mAP": best["val_mAP"], "test": test,
                "chance_mAP": chance, "categories": splits.categories, "train_seconds": time.perf_counter() - start,
                "cache": cache_stats}
+    if t.test_every_epoch:  # the peers' number: the best test mAP of any epoch (selected on test)
+        results["test_selected_mAP"] = max(h["test_mAP"] for h in history)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
