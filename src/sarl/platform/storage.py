@@ -7,13 +7,20 @@ S3-compatible store works: the endpoint comes from an explicit argument, ``SARL_
 
 Missing locations behave alike for both kinds: reads raise ``FileNotFoundError``, listings of a missing
 directory are empty, deleting a missing location does nothing.
+
+Transfers retry throttling and dropped connections (botocore's ``standard`` mode, several attempts);
+``check_writable``, the check jobs run before they start, uses a fail-fast client instead. Keys that would land
+outside the directory they are downloaded into (``..``, empty or absolute segments) are refused.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,12 +43,14 @@ if TYPE_CHECKING:
 Uri = str | os.PathLike
 
 S3_PREFIX = "s3://"
-# Fail fast on a wrong endpoint or a dead store instead of boto3's minutes of retries.
-_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2})
+# Checks before a job starts fail fast on a wrong endpoint or a dead store instead of boto3's minutes of retries.
+_FAIL_FAST_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "total_max_attempts": 3})
+# Everything else (data sets, checkpoints, uploads) rides out throttling (503 SlowDown) and dropped connections.
+_TRANSFER_CONFIG = Config(connect_timeout=10, read_timeout=60, retries={"mode": "standard", "total_max_attempts": 10})
 _TRANSFER_THREADS = 8
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
-_clients: dict[tuple[str | None, int], Any] = {}
+_clients: dict[tuple[str | None, int, bool], Any] = {}
 _clients_lock = threading.Lock()
 
 
@@ -81,14 +90,19 @@ def resolve_endpoint(explicit: str | None = None) -> str | None:
     return None
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client for the resolved endpoint, cached per (endpoint, process): clients are not fork-safe."""
+def s3_client(endpoint_url: str | None = None, fail_fast: bool = False) -> Any:
+    """A boto3 S3 client for the resolved endpoint, cached per (endpoint, process): clients are not fork-safe.
+
+    The default client retries throttling and connection errors for bulk transfers; ``fail_fast=True`` gives one
+    with short timeouts and at most 3 attempts, for checks that should report a dead store in seconds.
+    """
     endpoint = resolve_endpoint(endpoint_url)
-    key = (endpoint, os.getpid())
+    key = (endpoint, os.getpid(), fail_fast)
     with _clients_lock:
         if key not in _clients:
+            config = _FAIL_FAST_CONFIG if fail_fast else _TRANSFER_CONFIG
             # Path-style addressing: S3-compatible stores (MinIO, moto, Ceph) on a plain host:port need it.
-            config = _CONFIG.merge(Config(s3={"addressing_style": "path"})) if endpoint else _CONFIG
+            config = config.merge(Config(s3={"addressing_style": "path"})) if endpoint else config
             # A session per client: boto3's default session is not thread-safe to create clients from.
             _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         return _clients[key]
@@ -282,15 +296,38 @@ def download_file(uri: Uri, local_path: Uri) -> Path:
     return target
 
 
+def _safe_destination(root: Path, rel: str, key: str) -> Path:
+    """``root / rel`` for the object ``key``, refusing names that would land outside ``root``.
+
+    ``rel`` is the key minus the prefix being downloaded. S3 keys are free-form strings: ``..`` climbs out of
+    ``root``, an empty segment (``prefix//etc/x``) makes ``rel`` absolute and ``Path`` then drops ``root``.
+    """
+    parts = rel.split("/")
+    if not rel or any(part in ("", ".", "..") for part in parts) or "\0" in rel:
+        raise StorageError(f"refusing to download {key!r}: its name under the prefix ({rel!r}) has an empty, "
+                           f"'.' or '..' segment or is absolute, so it would be written outside {root}")
+    path = root / Path(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StorageError(f"refusing to download {key!r}: {path} resolves outside {root}")
+    return path
+
+
 def download_dir(uri: Uri, local_dir: Uri) -> Path:
-    """Copy a directory tree (on S3: every object under the prefix) into ``local_dir`` and return it."""
+    """Copy a directory tree (on S3: every object under the prefix) into ``local_dir`` and return it.
+
+    Raises ``StorageError`` (naming the key), before anything is written, if a key under the prefix would land
+    outside ``local_dir``.
+    """
     target = Path(local_dir)
     if not is_s3(uri):
         shutil.copytree(Path(uri), target, dirs_exist_ok=True)
         return target
+    bucket, key = parse_s3(uri)
+    prefix = _prefix(key)
+    plan = [(f"s3://{bucket}/{prefix}{rel}", _safe_destination(target, rel, f"s3://{bucket}/{prefix}{rel}"))
+            for rel in list_files(uri)]
     target.mkdir(parents=True, exist_ok=True)
-    files = list_files(uri)
-    _parallel(lambda rel: download_file(join(uri, rel), target / rel), files)
+    _parallel(lambda item: download_file(*item), plan)
     return target
 
 
@@ -299,49 +336,214 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SARL_CACHE_DIR") or Path.home() / ".cache" / "sarl") / "s3"
 
 
-def local_copy(uri: Uri, cache_dir: Uri | None = None) -> Path:
+# ---------------------------------------------------------------------------------- node cache (local_copy)
+_MANIFEST = "manifest.json"
+_ENTRY_RE = re.compile(r"[0-9a-f]{24}-[0-9a-f]{16}")  # <hash of the URI>-<hash of its objects' ETags>
+_STAGING_RE = re.compile(r"\.([0-9a-f]{24}-[0-9a-f]{16})\..+")  # .<entry>.<random>: a download in progress
+_TRASH_PREFIX = ".trash-"
+# gensim's KeyedVectors.save / Word2Vec.save write large arrays beside the file: <name>.vectors.npy, ...
+SIDECAR_SUFFIXES = (".kv", ".model")
+_held: dict[str, int] = {}  # use-lock path -> descriptor holding a shared lock until this process exits
+_held_lock = threading.Lock()
+
+
+def cache_max_bytes() -> int | None:
+    """The node cache's bound from ``$SARL_CACHE_MAX_BYTES`` (bytes, or with a K/M/G/T suffix); None: unbounded."""
+    text = os.environ.get("SARL_CACHE_MAX_BYTES", "").strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text.lower())
+    if not match:
+        raise ValueError(f"SARL_CACHE_MAX_BYTES={text!r}: expected a number of bytes, e.g. 200G or 5000000")
+    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
+
+
+def _lock(path: Path, mode: int) -> int | None:
+    """A descriptor of ``path`` locked with ``flock(mode)``; None when ``mode`` has LOCK_NB and the lock is taken.
+
+    An evictor unlinks the lock files of the entry it removes while it holds them exclusively, so a lock taken on
+    a file that is no longer at ``path`` is dropped and taken again on the current one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _hold(entry: Path) -> None:
+    """Mark ``entry`` in use by this process (a shared lock on ``<entry>.use``, kept until the process exits)."""
+    path = str(entry) + ".use"
+    with _held_lock:
+        if path not in _held:
+            _held[path] = _lock(Path(path), fcntl.LOCK_SH)
+
+
+def _published(entry: Path) -> bool:
+    return (entry / _MANIFEST).is_file()
+
+
+def _try_evict(entry: Path) -> bool:
+    """Remove ``entry`` and its lock files if no process uses it (its use lock can be taken exclusively without
+    waiting); True if it was removed."""
+    use = _lock(Path(str(entry) + ".use"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if use is None:
+        return False
+    trash = entry.with_name(f"{_TRASH_PREFIX}{uuid.uuid4().hex}")
+    try:
+        download = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            try:
+                os.rename(entry, trash)  # atomic: readers see the entry or nothing
+                removed = True
+            except FileNotFoundError:  # lock files of a download that failed
+                removed = False
+            os.unlink(str(entry) + ".use")
+            if download is not None:
+                os.unlink(str(entry) + ".lock")
+        finally:
+            if download is not None:
+                os.close(download)
+    finally:
+        os.close(use)
+    if removed:
+        shutil.rmtree(trash, ignore_errors=True)
+    return removed
+
+
+def _sweep(cache: Path, current: Path, max_bytes: int | None) -> None:
+    """Remove what nobody on this node uses: older versions of ``current``'s URI, the least recently used entries
+    beyond ``max_bytes``, and leftovers of killed downloads. ``current`` itself is never removed."""
+    try:
+        names = os.listdir(cache)
+    except FileNotFoundError:
+        return
+    for name in names:
+        staging = _STAGING_RE.fullmatch(name)
+        if name.startswith(_TRASH_PREFIX):
+            shutil.rmtree(cache / name, ignore_errors=True)
+        elif staging:  # a download in progress holds its entry's lock; a killed one left this behind
+            fd = _lock(cache / f"{staging[1]}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is not None:
+                try:
+                    shutil.rmtree(cache / name, ignore_errors=True)
+                finally:
+                    os.close(fd)
+    entries = [cache / n for n in names if _ENTRY_RE.fullmatch(n) and n != current.name]
+    orphans = {n[: -len(".use")] for n in names if n.endswith(".use")} - {e.name for e in entries} - {current.name}
+    for name in orphans:  # lock files left by failed downloads
+        if _ENTRY_RE.fullmatch(name):
+            _try_evict(cache / name)
+    uri_hash = current.name.split("-")[0]
+    kept = [e for e in entries if not (e.name.startswith(uri_hash + "-") and _try_evict(e))]
+    if max_bytes is None:
+        return
+    sizes: list[tuple[float, int, Path]] = []
+    for entry in [current, *kept]:
+        try:
+            sizes.append(((entry / _MANIFEST).stat().st_mtime, json.loads((entry / _MANIFEST).read_text())["bytes"],
+                          entry))
+        except (OSError, ValueError, KeyError):
+            continue  # being removed, or not published yet
+    total = sum(size for _, size, _ in sizes)
+    for _, size, entry in sorted(sizes, key=lambda s: s[0]):
+        if total <= max_bytes:
+            break
+        if entry != current and _try_evict(entry):
+            total -= size
+
+
+def _plan(bucket: str, key: str, name: str) -> dict[str, dict[str, Any]]:
+    """What ``local_copy`` of ``s3://bucket/key`` downloads: path in the entry -> {key, etag, size}."""
+    head = _head(bucket, key)
+    if head is not None:
+        plan = {name: {"key": key, "etag": head["ETag"], "size": head.get("ContentLength", 0)}}
+        if name.endswith(SIDECAR_SUFFIXES):
+            for obj in _objects(bucket, key + "."):
+                rest = obj["Key"][len(key) :]
+                if "/" not in rest:  # <name>.vectors.npy beside it, not a "directory" <name>.d/...
+                    plan[name + rest] = {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
+        return plan
+    prefix = _prefix(key)
+    root = Path(name)
+    return {_safe_destination(root, obj["Key"][len(prefix) :], f"s3://{bucket}/{obj['Key']}").as_posix():
+            {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
+            for obj in _objects(bucket, prefix)}
+
+
+def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = None) -> Path:
     """A local path holding the file or directory at ``uri``: local paths as they are, S3 downloaded.
 
-    Downloads land in ``cache_dir/<hash of the URI>/<name>`` and are reused while the objects' ETags are
-    unchanged, so many workers on one machine asking for the same checkpoint download it once in the
-    common case, and a re-uploaded object is fetched again.
+    Downloads land in ``cache_dir/<entry>/<name>``, one entry per URI and version of its objects (their ETags),
+    so many processes on one machine asking for the same checkpoint download it once, and a re-uploaded object
+    is fetched again into a new entry. A single ``.kv`` / ``.model`` object comes with the files gensim saved
+    beside it (``<name>.vectors.npy``, ...).
+
+    Concurrency (processes on one node sharing ``cache_dir``, which must be a local disk: ``flock``):
+
+    - downloaders of one entry are serialised by ``<entry>.lock``; the first downloads into a staging directory
+      and renames it into place (atomic), the others then find it published;
+    - a published entry is never changed; it is in use from the moment ``local_copy`` returns it in a process
+      until that process exits (a shared lock on ``<entry>.use``);
+    - entries nobody uses are removed: older versions of the same URI, and the least recently used ones while the
+      cache holds more than ``max_bytes`` (default ``$SARL_CACHE_MAX_BYTES``; unset: no bound). An entry is only
+      removed by a process that takes its use lock exclusively without waiting, so never while in use.
+
+    Raises ``FileNotFoundError`` if nothing is at ``uri``, ``StorageError`` for a key that would land outside
+    the entry (see :func:`download_dir`).
     """
     if not is_s3(uri):
         return Path(uri)
     uri = str(uri).rstrip("/")
     bucket, key = parse_s3(uri)
-    root = Path(cache_dir or default_cache_dir()) / hashlib.sha256(uri.encode()).hexdigest()[:24]
-    target = root / (PurePosixPath(key).name or bucket)
-    head = _head(bucket, key)
-    if head is not None:
-        manifest = {"": head["ETag"]}
-    else:
-        prefix = _prefix(key)
-        manifest = {obj["Key"][len(prefix) :]: obj["ETag"] for obj in _objects(bucket, prefix)}
-    if not manifest:
+    name = PurePosixPath(key).name or bucket
+    plan = _plan(bucket, key, name)
+    if not plan:
         raise FileNotFoundError(uri)
-    marker = root / "manifest.json"
-
-    def cached() -> bool:
-        return marker.is_file() and json.loads(marker.read_text()) == manifest
-
-    if cached():
-        return target
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        fetch = download_file if head is not None else download_dir
-        fetch(uri, staging / target.name)
-        (staging / marker.name).write_text(json.dumps(manifest))
-        shutil.rmtree(root, ignore_errors=True)
+    cache = Path(cache_dir or default_cache_dir())
+    cache.mkdir(parents=True, exist_ok=True)
+    version = hashlib.sha256(json.dumps({k: v["etag"] for k, v in plan.items()}, sort_keys=True).encode())
+    entry = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}-{version.hexdigest()[:16]}"
+    _hold(entry)  # before looking: an entry seen published then stays
+    if not _published(entry):
+        fd = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX)
         try:
-            os.replace(staging, root)
-        except OSError:
-            if not cached():  # another process won the race with the same content: fine; else a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+            if not _published(entry):  # nobody finished it while this process waited
+                staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
+                try:
+                    _parallel(lambda item: download_file(f"s3://{bucket}/{item[1]['key']}", staging / item[0]),
+                              list(plan.items()))
+                    manifest = {"uri": uri, "objects": {k: v["etag"] for k, v in plan.items()},
+                                "bytes": sum(v["size"] for v in plan.values())}
+                    (staging / _MANIFEST).write_text(json.dumps(manifest))
+                    try:
+                        os.rename(staging, entry)
+                    except OSError as error:  # published meanwhile (not by a holder of the lock): keep that one
+                        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _published(entry):
+                            raise
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            os.close(fd)
+    try:
+        os.utime(entry / _MANIFEST)  # last use, for the eviction order
+    except OSError:
+        pass
+    _sweep(cache, entry, max_bytes if max_bytes is not None else cache_max_bytes())
+    return entry / name
 
 
 def check_writable(uri: Uri, endpoint_url: str | None = None) -> None:
@@ -363,7 +565,7 @@ def check_writable(uri: Uri, endpoint_url: str | None = None) -> None:
     bucket, key = parse_s3(uri)
     endpoint = resolve_endpoint(endpoint_url)
     where = f"{uri} (endpoint {endpoint or 'AWS default'})"
-    client = s3_client(endpoint)
+    client = s3_client(endpoint, fail_fast=True)
     probe_key = _prefix(key) + probe_name
     try:
         client.put_object(Bucket=bucket, Key=probe_key, Body=b"")

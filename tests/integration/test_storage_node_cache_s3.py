@@ -1,0 +1,283 @@
+"""The node cache behind ``storage.local_copy`` with real concurrent processes, keys that try to climb out of a
+download directory, gensim ``.kv`` word vectors from S3, and transfer retries; against moto's S3 server.
+
+Child processes come from a ``forkserver`` that has imported ``sarl.platform.storage`` once (importing it means
+importing torch: seconds per process on 2 cores). They get the S3 settings as arguments, not from the
+environment the forkserver was started with.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from sarl.platform import storage
+
+pytestmark = pytest.mark.integration
+
+S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="module")
+def mp():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["sarl.platform.storage"])
+    return ctx
+
+
+def s3_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in S3_VARS}
+
+
+# ------------------------------------------------------------------------------ child processes (module level)
+def _copy_and_read(uri: str, cache: str, env: dict, log: str, barrier, expected: dict, results) -> None:
+    """Race the others into ``local_copy``, then keep reading every file for a while; report what was seen."""
+    os.environ.update(env)
+    real = storage.download_file
+
+    def slow_download(source, target):
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()} {source}\n")
+        time.sleep(0.3)  # a download long enough for the others to miss too
+        return real(source, target)
+
+    storage.download_file = slow_download
+    barrier.wait()
+    problems: list[str] = []
+    path = storage.local_copy(uri, cache_dir=cache)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # the others are still finishing their local_copy meanwhile
+        for rel, content in expected.items():
+            try:
+                if (path / rel).read_text() != content:
+                    problems.append(f"{rel}: wrong content")
+            except OSError as error:
+                problems.append(f"{rel}: {error}")
+        time.sleep(0.01)
+    results.put({"path": str(path), "problems": sorted(set(problems))})
+
+
+def _copy_all(uris: list[str], cache: str, env: dict, max_bytes, results, release=None) -> None:
+    """``local_copy`` each URI in order (the cache's use order), report the paths, then hold them until released."""
+    os.environ.update(env)
+    paths = []
+    for uri in uris:
+        paths.append(str(storage.local_copy(uri, cache_dir=cache, max_bytes=max_bytes)))
+        time.sleep(0.02)  # distinct last-use times
+    results.put(paths)
+    if release is not None:
+        release.wait(60)
+        results.put([Path(p).read_text() for p in paths])  # still there after the others evicted around it
+
+
+def entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------- local_copy race
+def test_processes_that_miss_together_download_once_and_never_lose_the_copy(s3_bucket: str, tmp_path: Path,
+                                                                            mp) -> None:
+    expected = {"weights.pt": "w" * 1000, "job.yaml": "name: x\n", "sub/a.txt": "a", "sub/b.txt": "b"}
+    uri = f"s3://{s3_bucket}/runs/r1/checkpoint"
+    for rel, content in expected.items():
+        storage.write_text(storage.join(uri, rel), content)
+    cache, log = tmp_path / "cache", tmp_path / "downloads.log"
+    barrier, results = mp.Barrier(3), mp.Queue()
+    procs = [mp.Process(target=_copy_and_read, args=(uri, str(cache), s3_env(), str(log), barrier, expected, results))
+             for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    reports = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert [r["problems"] for r in reports] == [[], [], []]  # nobody saw a missing or partial file
+    assert len({r["path"] for r in reports}) == 1  # one published copy
+    downloads = log.read_text().splitlines()
+    assert len(downloads) == len(expected), downloads  # each object once, by one process
+    assert len({line.split()[0] for line in downloads}) == 1
+    assert len(entries(cache)) == 1 and not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_eviction_removes_least_recently_used_entries_never_one_in_use(s3_bucket: str, tmp_path: Path, mp,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    uris = {}
+    for name in "abcd":
+        uris[name] = f"s3://{s3_bucket}/data/{name}.bin"
+        storage.write_text(uris[name], name * 1000)  # 1000 bytes each
+    cache = tmp_path / "cache"
+    results, release = mp.Queue(), mp.Event()
+    first = mp.Process(target=_copy_all, args=([uris["a"], uris["b"]], str(cache), s3_env(), None, results))
+    first.start()
+    path_a, path_b = map(Path, results.get(timeout=120))
+    first.join(30)  # a and b: no longer in use
+    holder = mp.Process(target=_copy_all, args=([uris["c"]], str(cache), s3_env(), None, results, release))
+    holder.start()
+    (path_c,) = map(Path, results.get(timeout=120))  # c: in use until released
+
+    path_d = storage.local_copy(uris["d"], cache_dir=cache, max_bytes=3000)  # 4000 bytes: the oldest goes
+    assert not path_a.exists() and path_b.exists() and path_c.exists() and path_d.read_text() == "d" * 1000
+    storage.local_copy(uris["d"], cache_dir=cache, max_bytes=1500)  # b goes; c stays in use, over the bound
+    assert not path_b.exists() and path_c.read_text() == "c" * 1000 and path_d.exists()
+    release.set()
+    assert results.get(timeout=60) == ["c" * 1000]
+    holder.join(30)
+    assert holder.exitcode == 0
+    monkeypatch.setenv("SARL_CACHE_MAX_BYTES", "1500")  # the bound from the environment
+    assert storage.local_copy(uris["d"], cache_dir=cache) == path_d
+    assert not path_c.exists() and path_d.exists()
+    assert entries(cache) == [path_d.parent.name]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([path_d.parent.name, path_d.parent.name + ".use",
+                                                              path_d.parent.name + ".lock"])  # no lock files left
+
+
+def test_a_new_version_gets_a_new_entry_and_the_unused_old_one_goes(s3_bucket: str, tmp_path: Path, mp) -> None:
+    uri = f"s3://{s3_bucket}/vectors/words.txt"
+    storage.write_text(uri, "v1")
+    cache = tmp_path / "cache"
+    results = mp.Queue()
+    child = mp.Process(target=_copy_all, args=([uri], str(cache), s3_env(), None, results))
+    child.start()
+    (old,) = map(Path, results.get(timeout=120))
+    child.join(30)
+    storage.write_text(uri, "v2")
+    new = storage.local_copy(uri, cache_dir=cache)
+    assert new != old and new.read_text() == "v2" and not old.exists()
+    storage.write_text(uri, "v3")  # this process still uses the v2 copy: it stays beside v3
+    assert storage.local_copy(uri, cache_dir=cache).read_text() == "v3" and new.read_text() == "v2"
+
+
+def test_cache_bound_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SARL_CACHE_MAX_BYTES", raising=False)
+    assert storage.cache_max_bytes() is None
+    for text, value in (("5000", 5000), ("2K", 2048), ("1.5g", int(1.5 * 1024**3)), ("200GiB", 200 * 1024**3)):
+        monkeypatch.setenv("SARL_CACHE_MAX_BYTES", text)
+        assert storage.cache_max_bytes() == value
+    monkeypatch.setenv("SARL_CACHE_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match="SARL_CACHE_MAX_BYTES"):
+        storage.cache_max_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ path traversal
+@pytest.mark.parametrize("bad", ["../evil", "a/../../evil", "/abs/evil", "./x"])
+def test_keys_that_would_land_outside_are_refused(s3_bucket: str, tmp_path: Path, bad: str) -> None:
+    from sarl.platform.feature_store import S3FeatureStore
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="ckpt/weights.pt", Body=b"w")
+    client.put_object(Bucket=s3_bucket, Key=f"ckpt/{bad}", Body=b"pwned")  # ckpt/../evil, ckpt//abs/evil ...
+    client.put_object(Bucket=s3_bucket, Key=f"features/d1/{bad}", Body=b"pwned")
+    client.put_object(Bucket=s3_bucket, Key="features/d1/meta.json", Body=b"{}")
+    inside = tmp_path / "a" / "b" / "download"
+    with pytest.raises(storage.StorageError, match=f"ckpt/{bad}"):
+        storage.download_dir(f"s3://{s3_bucket}/ckpt", inside)
+    with pytest.raises(storage.StorageError, match=f"ckpt/{bad}"):
+        storage.local_copy(f"s3://{s3_bucket}/ckpt", cache_dir=tmp_path / "a" / "cache")
+    with pytest.raises(storage.StorageError, match=f"features/d1/{bad}"):
+        S3FeatureStore(f"s3://{s3_bucket}/features").fetch("d1", inside / "features")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if p.read_bytes() in (b"pwned", b"w")], written  # nothing downloaded at all
+    assert not Path("/abs/evil").exists()
+
+
+# ------------------------------------------------------------------------------------- gensim .kv word vectors
+def keyed_vectors():
+    from gensim.models import KeyedVectors
+
+    kv = KeyedVectors(vector_size=4)
+    kv.add_vectors(["person", "dog", "cat"], np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32))
+    return kv
+
+
+def test_kv_word_vectors_from_s3_come_with_their_sidecar_when_trusted(s3_bucket: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sarl.platform import word_vectors
+
+    kv = keyed_vectors()
+    kv.save(str(tmp_path / "vectors.kv"), sep_limit=0)  # the array in vectors.kv.vectors.npy, as GloVe-840B's is
+    assert (tmp_path / "vectors.kv.vectors.npy").is_file()
+    storage.upload_dir(tmp_path, f"s3://{s3_bucket}/vec")
+    storage.write_text(f"s3://{s3_bucket}/vec/vectors.kv.d/other", "not a sidecar")
+    uri = f"s3://{s3_bucket}/vec/vectors.kv"
+    monkeypatch.setenv("SARL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(word_vectors.TRUST_ENV, raising=False)
+
+    loaded = word_vectors.load(uri, trust_pickle=True)
+    np.testing.assert_array_equal(loaded["dog"], kv["dog"])
+    assert sorted(p.name for p in storage.local_copy(uri).parent.iterdir()) == [
+        "manifest.json", "vectors.kv", "vectors.kv.vectors.npy"]
+    monkeypatch.setenv(word_vectors.TRUST_ENV, "1")  # the operator's switch
+    np.testing.assert_array_equal(word_vectors.load(uri)["cat"], kv["cat"])
+
+
+def test_pickled_word_vectors_from_s3_are_refused_unless_trusted(s3_bucket: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from sarl.platform import word_vectors
+    from sarl.platform.job import load_job
+    from sarl.platform.train import resolve_data_uris
+
+    kv = keyed_vectors()
+    kv.save(str(tmp_path / "vectors.kv"), sep_limit=0)
+    kv.save_word2vec_format(str(tmp_path / "vectors.bin"), binary=True)
+    for name in ("vectors.kv", "vectors.kv.vectors.npy", "vectors.bin"):
+        storage.upload_file(tmp_path / name, f"s3://{s3_bucket}/vec/{name}")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SARL_CACHE_DIR", str(cache))
+    monkeypatch.delenv(word_vectors.TRUST_ENV, raising=False)
+    uri = f"s3://{s3_bucket}/vec/vectors.kv"
+
+    with pytest.raises(word_vectors.UntrustedPickleError) as info:
+        word_vectors.load(uri)
+    message = str(info.value)
+    assert uri in message and "save_word2vec_format" in message and "binary=True" in message
+    assert "SARL_TRUST_PICKLED_VECTORS=1" in message
+    monkeypatch.setenv(word_vectors.TRUST_ENV, "0")
+    with pytest.raises(word_vectors.UntrustedPickleError):
+        word_vectors.load(uri)
+    with pytest.raises(word_vectors.UntrustedPickleError):
+        word_vectors.load(uri + ".gz")
+    job = load_job(None, ["model.semantic_source=word", f"model.word_vectors={uri}"])
+    with pytest.raises(word_vectors.UntrustedPickleError):
+        resolve_data_uris(job)  # a training job: refused on the driver, before any worker starts
+    assert not cache.exists() or not list(cache.rglob("*.kv*"))  # refused before downloading
+
+    binary = word_vectors.load(f"s3://{s3_bucket}/vec/vectors.bin")  # word2vec binary needs no trust
+    np.testing.assert_allclose(binary["person"], kv["person"])
+    np.testing.assert_array_equal(word_vectors.load(tmp_path / "vectors.kv")["dog"], kv["dog"])  # local: the user's
+
+
+# ------------------------------------------------------------------------------------------------------- retries
+def test_transfers_retry_throttling_and_checks_fail_fast(s3_bucket: str, tmp_path: Path) -> None:
+    from botocore.awsrequest import AWSResponse
+
+    storage.write_text(f"s3://{s3_bucket}/d/x.txt", "x")
+
+    class Raw:
+        def stream(self, **_):
+            yield b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+    throttled: list[str] = []
+
+    def throttle(request, **_):  # three 503s: all the attempts the old client (and a fail-fast one) makes
+        if request.method == "GET" and "/d/x.txt" in request.url and len(throttled) < 3:
+            throttled.append(request.url)
+            return AWSResponse(request.url, 503, {}, Raw())
+        return None
+
+    events = storage.s3_client().meta.events
+    events.register_first("before-send.s3", throttle)
+    try:
+        back = storage.download_dir(f"s3://{s3_bucket}/d", tmp_path / "d")
+    finally:
+        events.unregister("before-send.s3", throttle)
+    assert len(throttled) == 3 and (back / "x.txt").read_text() == "x"
+    assert storage.s3_client(fail_fast=True).meta.config.retries["total_max_attempts"] <= 3
+    assert storage.s3_client(fail_fast=True) is not storage.s3_client()
+    assert storage.s3_client().meta.config.retries["total_max_attempts"] >= 6
