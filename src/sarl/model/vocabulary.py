@@ -52,6 +52,7 @@ __all__ = [
     "WORD_VECTOR_FORMATS",
     "load_word_vectors",
     "semantic_vectors",
+    "unpickles",
 ]
 
 DEFAULT_PROMPT = "a photo of a {name}."
@@ -420,7 +421,16 @@ def _file_format(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------- word vectors
-def load_word_vectors(path: str | os.PathLike[str], format: str = "auto") -> KeyedVectors:
+def unpickles(path: str | os.PathLike[str], format: str = "auto") -> bool:
+    """Whether :func:`load_word_vectors` would unpickle ``path`` (gensim's native format), judged by its name.
+
+    Only ``native`` unpickles, and ``auto`` picks it by extension alone (``.kv``, ``.model``, maybe ``.gz``), so
+    this needs no file: it can be asked of a remote name before downloading it.
+    """
+    return format == "native" or (format == "auto" and _suffix_format(Path(path)) == "native")
+
+
+def load_word_vectors(path: str | os.PathLike[str], format: str = "auto", allow_pickle: bool = True) -> KeyedVectors:
     """Load word vectors with gensim.
 
     Formats:
@@ -433,11 +443,12 @@ def load_word_vectors(path: str | os.PathLike[str], format: str = "auto") -> Key
             first line: two integers -> word2vec, anything else -> glove. A trailing .gz is
             looked through (gensim reads gzipped text and binary files).
 
-    Paths are local; fetch remote files first (``sarl.platform.storage``).
+    Paths are local; fetch remote files first (``sarl.platform.storage``). ``allow_pickle=False`` refuses the
+    native format (for files whose writer is not trusted); the text and binary formats never run code.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unknown ``format``, or an empty file under ``auto``.
+        ValueError: unknown ``format``, an empty file under ``auto``, or a native file with ``allow_pickle=False``.
     """
     path = Path(path)
     if format not in WORD_VECTOR_FORMATS:
@@ -446,6 +457,10 @@ def load_word_vectors(path: str | os.PathLike[str], format: str = "auto") -> Key
         raise FileNotFoundError(f"word vector file not found: {path}")
     if format == "auto":
         format = _detect_format(path)
+    if format == "native" and not allow_pickle:
+        raise ValueError(f"refusing to load {path}: gensim's native format is a Python pickle, which can run code; "
+                         "convert it where the file is trusted with KeyedVectors.load(path)"
+                         ".save_word2vec_format('vectors.bin', binary=True) and load that instead")
 
     from gensim.models import KeyedVectors
 
@@ -458,15 +473,20 @@ def load_word_vectors(path: str | os.PathLike[str], format: str = "auto") -> Key
     return KeyedVectors.load_word2vec_format(str(path), binary=format == "word2vec_binary", no_header=format == "glove")
 
 
-def _detect_format(path: Path) -> str:
-    """Guess the format of a word vector file; see :func:`load_word_vectors`."""
+def _suffix_format(path: Path) -> str | None:
+    """The format a file's extension names (``.bin``, ``.kv``, ``.model``, each maybe ``.gz``), else None."""
     suffixes = [s.lower() for s in path.suffixes]
     gz = bool(suffixes) and suffixes[-1] == ".gz"
     last = suffixes[-2] if gz and len(suffixes) > 1 else (suffixes[-1] if suffixes and not gz else "")
-    if last == ".bin":
-        return "word2vec_binary"
-    if last in (".kv", ".model"):
-        return "native"
+    return {".bin": "word2vec_binary", ".kv": "native", ".model": "native"}.get(last)
+
+
+def _detect_format(path: Path) -> str:
+    """Guess the format of a word vector file; see :func:`load_word_vectors`."""
+    by_name = _suffix_format(path)
+    if by_name:
+        return by_name
+    gz = path.suffix.lower() == ".gz"
     opener = gzip.open if gz else open
     with opener(path, "rb") as f:
         first = f.readline(1 << 20).decode("utf-8", errors="replace").split()

@@ -32,10 +32,10 @@ from ray import serve
 from ..model.checkpoint import load_checkpoint
 from ..model.data.transforms import build_transforms
 from ..model.serving import BoundVocabulary, bind_vocabulary
-from ..model.vocabulary import load_word_vectors
 from . import storage
 from .serve_io import RequestError, decode_image, parse_predict_request
 from .vocab_store import VocabStore
+from .word_vectors import load as load_vectors
 
 logger = logging.getLogger("ray.serve")
 
@@ -120,10 +120,10 @@ class Predictor:
         self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if args.device == "auto" else args.device))
         checkpoint = storage.local_copy(args.checkpoint)
-        self.model = load_checkpoint(checkpoint, map_location=self.device).eval()
+        self.model = load_checkpoint(checkpoint, map_location=self.device, resolve=storage.local_copy).eval()
         cfg = self.model.config
         self.transform = build_transforms(cfg.image_size, cfg.mean, cfg.std, train=False)
-        self.word_vectors = load_word_vectors(storage.local_copy(args.word_vectors)) if args.word_vectors else None
+        self.word_vectors = load_vectors(args.word_vectors) if args.word_vectors else None  # pickles refused
         self.store = VocabStore(args.vocab_store) if args.vocab_store else None
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.config = UserConfig()
@@ -290,12 +290,14 @@ def serve_forever(args: ServeArgs | dict, config: ServeConfig | None = None, add
 
     init_ray(address)
     url = deploy(args, config)
+    name = config.name if config else APP_NAME
     print(f"serving on {url}: POST {url}/v1/predict, GET {url}/v1/vocabulary (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down Serve", flush=True)
+        print(f"deleting the Serve application {name!r}", flush=True)
     finally:
-        serve.shutdown()
+        # Only this application: on a shared cluster (--address) serve.shutdown() would stop every app on it.
+        serve.delete(name)
 

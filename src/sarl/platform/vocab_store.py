@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
-from sarl.model.vocabulary import Vocabulary, VocabularyError, load_word_vectors
+from sarl.model.vocabulary import Vocabulary, VocabularyError
 from sarl.platform import storage
+from sarl.platform.word_vectors import load as load_vectors
 
 __all__ = ["VERSION_PATTERN", "VersionInfo", "VocabStore", "VocabStoreError", "check_against_checkpoint",
            "check_version", "read_vocabulary_file"]
@@ -113,7 +114,7 @@ def check_against_checkpoint(vocabulary: Vocabulary, checkpoint_uri: str, word_v
     """
     from sarl.model.serving import vocabulary_problems  # heavy (torch model code); only push --checkpoint needs it
 
-    word_vectors = load_word_vectors(storage.local_copy(word_vectors_uri)) if word_vectors_uri else None
+    word_vectors = load_vectors(word_vectors_uri) if word_vectors_uri else None
     return vocabulary_problems(vocabulary, storage.local_copy(checkpoint_uri), word_vectors)
 
 

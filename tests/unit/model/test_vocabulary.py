@@ -110,6 +110,18 @@ def test_native_word2vec_model_gives_its_keyed_vectors(tmp_path):
     np.testing.assert_array_equal(loaded["a"], model.wv["a"])
 
 
+def test_pickled_formats_can_be_refused(vector_files):
+    from sarl.model.vocabulary import unpickles
+
+    assert unpickles("s3://b/glove.840B.300d.kv") and unpickles("x.model") and unpickles("x.kv.gz")
+    assert unpickles("x.txt", format="native") and not unpickles("x.kv", format="word2vec_binary")
+    assert not any(unpickles(p) for p in ("w.bin", "glove.txt", "glove.txt.gz", "vectors"))
+    with pytest.raises(ValueError, match="pickle.*save_word2vec_format"):
+        load_word_vectors(vector_files["native"], allow_pickle=False)
+    for fmt in ("word2vec", "word2vec_binary", "glove"):  # plain numbers: never refused
+        assert len(load_word_vectors(vector_files[fmt], allow_pickle=False)) == len(WORDS)
+
+
 def test_missing_file_and_unknown_format(tmp_path, vector_files):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match="nope.txt"):
