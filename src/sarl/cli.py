@@ -1,4 +1,4 @@
-"""The ``sarl`` command: ``sarl demo | train | evaluate | protocol | tune | serve | vocab``.
+"""The ``sarl`` command: ``sarl demo | train | evaluate | export | protocol | tune | serve | vocab``.
 
 Each subcommand is a small function over the library."""
 
@@ -52,12 +52,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .model.checkpoint import CheckpointError, export_checkpoint
+    from .platform import storage
+
+    try:
+        if storage.is_s3(args.output):
+            with tempfile.TemporaryDirectory() as tmp:
+                export_checkpoint(storage.local_copy(args.checkpoint), Path(tmp) / "export", args.pretrained,
+                                  resolve=storage.local_copy)
+                storage.upload_dir(Path(tmp) / "export", args.output)
+        else:
+            export_checkpoint(storage.local_copy(args.checkpoint), args.output, args.pretrained,
+                              resolve=storage.local_copy)
+    except CheckpointError as exc:
+        print(f"sarl export: {exc}", file=sys.stderr)
+        return 2
+    print(f"self-contained checkpoint: {args.output}")
+    return 0
+
+
 def _protocol(args: argparse.Namespace) -> int:
     from .platform.protocol import run_protocol
 
-    run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides)
+    run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides, seeds=args.seeds,
+                 in_process=args.in_process)
     print((Path(args.output_dir) / "table.md").read_text())  # run_protocol wrote it
-    print(f"written: {args.output_dir}/table.md, table.csv, map_vs_proportion.png, runs.json")
+    print(f"written: {args.output_dir}/table.md, table.csv, map_vs_proportion.png, curves.png, runs.json")
     return 0
 
 
@@ -119,11 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     evaluate.set_defaults(func=_evaluate)
 
+    export = sub.add_parser("export", help="a self-contained copy of a checkpoint (frozen backbone included), for "
+                            "serving where its weights source cannot be reached")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory or s3:// URI")
+    export.add_argument("--output", required=True, help="directory (or s3:// URI) to write the copy to")
+    export.add_argument("--pretrained", help="the backbone's weights source, instead of the recorded one")
+    export.set_defaults(func=_export)
+
     protocol = sub.add_parser("protocol", help="train and test methods over known-label proportions: the paper table")
     protocol.add_argument("--config", help="job YAML every run starts from")
     protocol.add_argument("--methods", nargs="+", default=["sarl", "global"],
                           help="presets (sarl, global, dualcoop) or name:key=value,key=value")
     protocol.add_argument("--proportions", nargs="+", type=float, default=list(DEFAULT_PROPORTIONS))
+    protocol.add_argument("--seeds", nargs="+", type=int, default=[0],
+                          help="training and mask seeds; the table gives mean and standard deviation over them")
+    protocol.add_argument("--in-process", action="store_true",
+                          help="train each run in this process, without Ray (small jobs; scaling is ignored)")
     protocol.add_argument("--output-dir", default="runs/protocol")
     protocol.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     protocol.set_defaults(func=_protocol)
@@ -148,8 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, but ``key=value`` overrides may also come after flags (``train --json a=b``).
+
+    argparse matches a ``nargs="*"`` positional once, before the first flag, and refuses what follows the flags;
+    those are added to ``overrides`` here (``parse_intermixed_args`` does not support subcommands).
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except ConfigError as exc:

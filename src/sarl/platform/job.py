@@ -12,7 +12,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..model.config import ConfigError, field, load_config, positive
+from ..model.data.build import check_options
 from ..model.experiment import ExperimentConfig
 
 
@@ -55,7 +58,26 @@ def load_job(path: str | Path | None, overrides: Iterable[str] = (),
     """A validated ``JobConfig``: defaults <- ``base`` <- YAML file ``path`` <- ``key=value`` overrides."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"job file {path} does not exist")
-    return load_config(JobConfig, path, overrides, base=base)
+    if path is not None:
+        check_not_empty(path, "job file")
+    return check_job(load_config(JobConfig, path, overrides, base=base))
 
 
-__all__ = ["ConfigError", "JobConfig", "RunSection", "ScalingSection", "load_job"]
+def check_not_empty(path: str | Path, what: str) -> None:
+    """Raise ``ConfigError`` if the YAML file at ``path`` holds nothing (empty, or only comments): running the
+    defaults instead (a 50-epoch default sweep) is never what was meant."""
+    if yaml.safe_load(Path(path).read_text()) is None:
+        raise ConfigError(f"{what} {path} is empty; give a YAML mapping of settings (or leave out the file to "
+                          "run the defaults)")
+
+
+def check_job(job: JobConfig) -> JobConfig:
+    """Checks across sections that the field checks cannot make: ``data.options`` against the data set kind."""
+    try:
+        check_options(job.data.kind, job.data.options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return job
+
+
+__all__ = ["ConfigError", "JobConfig", "RunSection", "ScalingSection", "check_job", "check_not_empty", "load_job"]

@@ -35,7 +35,7 @@ import yaml
 
 from ..model.config import ConfigError, field, from_dict, load_yaml, merge, positive, to_dict
 from . import storage
-from .job import JobConfig
+from .job import JobConfig, check_job, check_not_empty
 
 log = logging.getLogger("sarl.tune")
 
@@ -107,18 +107,20 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
+    check_not_empty(path, "sweep file")
     sweep = from_dict(SweepConfig, merge(load_yaml(path), parse_overrides(overrides)))
     base: dict[str, Any] = {}
     if sweep.job:
         job_path = Path(sweep.job) if Path(sweep.job).is_absolute() else path.parent / sweep.job
         if not job_path.is_file():
             raise ConfigError(f"{path}: job file {job_path} does not exist")
+        check_not_empty(job_path, "job file")
         base = load_yaml(job_path)
     job = merge(base, sweep.overrides)
     # Trials train with the sweep's resources; every sampled value must make a valid job on its own.
     job = merge(job, {"scaling": to_dict(sweep.resources)})
     check_space(sweep, job)
-    return sweep, to_dict(from_dict(JobConfig, job))
+    return sweep, to_dict(check_job(from_dict(JobConfig, job)))
 
 
 def _kind(spec: Mapping[str, Any]) -> str:

@@ -6,7 +6,8 @@ engine and the platform never branch on data set formats.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,40 @@ DATASET_BUILDERS: dict[str, Callable[..., MultiLabelDataset]] = {
 DATASET_KINDS: tuple[str, ...] = tuple(sorted(DATASET_BUILDERS))
 # Word-vector lookups for category names of a kind that are not words (``Category.words``).
 DATASET_WORDS: dict[str, dict[str, str]] = {"voc": VOC_WORDS}
+
+
+# What a builder's ``**kwargs`` go to, so that ``check_options`` knows their names too.
+_FORWARDED: dict[str, Callable[..., Any]] = {"synthetic": SyntheticShapes}
+_COMMON_ARGS = ("root", "split", "transform", "categories", "on_bad_image")
+
+
+def dataset_options(kind: str) -> tuple[str, ...] | None:
+    """The ``data.options`` keys a kind takes (sorted), from its builder's signature; None if it takes any."""
+    builder = DATASET_BUILDERS.get(kind)
+    if builder is None:
+        raise ValueError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(DATASET_KINDS)}")
+    names: set[str] = set()
+    for fn in (builder, _FORWARDED.get(kind)):
+        if fn is None:
+            continue
+        params = inspect.signature(fn).parameters.values()
+        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if fn is builder and any(p.kind is p.VAR_KEYWORD for p in params) and kind not in _FORWARDED:
+            return None
+    return tuple(sorted(names - set(_COMMON_ARGS)))
+
+
+def check_options(kind: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming any ``options`` key the kind's builder does not take, and the valid ones.
+
+    Called when a job is loaded, so that a wrong key fails before any worker starts, not as a TypeError inside
+    the workers.
+    """
+    valid = dataset_options(kind)
+    unknown = sorted(set(options) - set(valid)) if valid is not None else []
+    if unknown:
+        raise ValueError(f"data.options {', '.join(map(repr, unknown))} not taken by data set kind {kind!r}; "
+                         f"its options are: {', '.join(valid) or '(none)'}")
 
 
 def category_words(kind: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
