@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ..model import engine
-from ..model.checkpoint import load_train_state, save_checkpoint
+from ..model.checkpoint import load_train_state, load_trainable_state, save_checkpoint
 from ..model.config import from_dict, to_dict
 from ..model.data import collate_skip_bad
 from ..model.experiment import (
@@ -53,6 +53,7 @@ from ..model.metrics import MultiLabelMetrics
 from . import storage
 from .feature_store import feature_cache
 from .job import JobConfig
+from .word_vectors import local_word_vectors
 
 JOB_FILE = "job.yaml"
 HISTORY_FILE = "history.jsonl"
@@ -107,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     t = job.train
 
-    def loaders(splits: Splits, num_workers: int) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+    def loaders(splits: Splits, num_workers: int) -> tuple[DistributedSampler, DataLoader, DataLoader, DataLoader]:
         sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=t.seed,
                                      drop_last=True)
         train_loader = DataLoader(splits.train, batch_size=t.batch_size, sampler=sampler, drop_last=True,
@@ -116,13 +117,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
         val_loader = make_loader(shard(splits.val or splits.test, rank, world), t.eval_batch_size, False,
                                  num_workers)
-        return sampler, train_loader, val_loader
+        test_loader = make_loader(shard(splits.test, rank, world), t.eval_batch_size, False, num_workers)
+        return sampler, train_loader, val_loader, test_loader
 
-    sampler, train_loader, val_loader = loaders(splits, job.data.num_workers)
-    model, loss_fn, optimizer, scheduler = build_components(job, splits.categories, len(train_loader))
+    sampler, train_loader, val_loader, test_loader = loaders(splits, job.data.num_workers)
+    model, loss_fn, optimizer, scheduler = build_components(job, splits.categories, len(train_loader), world)
     start_epoch = 1
     if train_state is not None:
-        model.load_state_dict(torch.load(scratch / "resume" / "weights.pt", weights_only=True))
+        load_trainable_state(model, scratch / "resume")  # same towers: the backbone source is not read again
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         set_rng_state(train_state["rng"])
@@ -132,10 +134,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Rank 0 computes missing entries first, the others hit after a barrier (prepare_cached); the loaders
         # are rebuilt over the features with the same lengths, so the scheduler above still fits.
         parts = ("train", "val") if splits.val is not None else ("train", "test")
+        parts = (*parts, "test") if t.test_every_epoch and "test" not in parts else parts
         splits, stats = prepare_cached(job, splits, model.to(device), device, parts, feature_cache(job.cache.root))
         if stats["enabled"]:
             cache_report = {"cache_hits": stats["hits"], "cache_misses": stats["misses"]}
-            sampler, train_loader, val_loader = loaders(splits, 0)  # rows come from a memory map: no workers
+            sampler, train_loader, val_loader, test_loader = loaders(splits, 0)  # memory-mapped rows: no workers
             if rank == 0:
                 log.info(f"[{job.run_name}] feature cache {job.cache.root}: {stats['hits']} hit(s), "
                          f"{stats['misses']} miss(es)")
@@ -158,6 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "val_OF1": val["OF1"], "samples_per_s": stats["samples_per_s"] * world, "lr": stats["lr"],
                   "samples": stats["samples"] * world, "epoch_seconds": time.perf_counter() - epoch_start,
                   **cache_report}
+        if t.test_every_epoch:  # measured only (the peers' test-selected number); selection stays on validation
+            report["test_mAP"] = engine.evaluate(bare, test_loader, device, metrics=metrics, amp=t.amp,
+                                                 progress=False)["mAP"]
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -271,7 +277,8 @@ def resolve_data_uris(job: JobConfig) -> JobConfig:
     for key in ("word_vectors", "pretrained"):
         value = job.model.get(key)
         if isinstance(value, str) and storage.is_s3(value):
-            job.model[key] = str(storage.local_copy(value))
+            fetch = local_word_vectors if key == "word_vectors" else storage.local_copy  # pickles refused
+            job.model[key] = str(fetch(value))
     return job
 
 
