@@ -146,6 +146,7 @@ def attention_grid(path: str | Path, images: np.ndarray, maps: np.ndarray, label
 
     ``images`` (N, H, W, 3) in [0, 1], ``maps`` (N, C, h, w) attention weights, ``labels`` (N, C) in {1, 0, -1}.
     A category present in the image has its name in bold: its map should cover its object, the others anything.
+    The colour scale runs from 0 to the row's largest weight, so a near-uniform map (1 / locations) stays dark.
     """
     path = Path(path)
     n, c = maps.shape[:2]
@@ -155,8 +156,8 @@ def attention_grid(path: str | Path, images: np.ndarray, maps: np.ndarray, label
         for j in range(c):
             ax = axes[i][j + 1]
             ax.imshow(images[i], alpha=0.35)
-            ax.imshow(maps[i, j], cmap="magma", alpha=0.75, interpolation="nearest",
-                      extent=(0, images.shape[2], images.shape[1], 0))
+            ax.imshow(maps[i, j], cmap="magma", alpha=0.75, interpolation="nearest", vmin=0.0, vmax=maps[i].max(),
+                      extent=(0, images.shape[2], images.shape[1], 0))  # one scale per row: flat maps look flat
             present = labels[i, j] == 1
             ax.set_title(categories[j], fontsize=7, fontweight="bold" if present else "normal",
                          color="black" if present else "grey")
