@@ -3,10 +3,16 @@
 Each part is a session fixture that starts it and a function fixture that hands a test a fresh,
 isolated piece of it (a bucket, ...). Environment variables a part needs are set for the session
 and restored afterwards, so that code under test finds the part the way it would in production.
+
+Two Ray clusters exist: ``ray_cluster`` (one local node, started by the test process) and ``two_node_cluster``
+(a head and a worker node that share no disk, ``two_node.py``). A process is the driver of one cluster at a
+time, so the tests that use the two-node cluster run after all the others (``pytest_collection_modifyitems``),
+and the two-node fixture ends the local cluster before it connects.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +25,8 @@ from moto.server import ThreadedMotoServer
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    # moto takes any secret; a distinctive one lets tests look for it in what runs write (it must be in none).
+    "AWS_SECRET_ACCESS_KEY": "SARLSECRET-moto-7d1f0c9a2b",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -74,5 +81,50 @@ def ray_cluster(s3_server) -> Iterator[RayCluster]:
 
     from sarl.platform.train import init_ray
 
+    if _two_node_running:
+        pytest.fail("ray_cluster requested after the two-node cluster started (they run last: see the module doc)")
     yield RayCluster(dashboard_url=f"http://{init_ray(num_cpus=4, dashboard=True)}")
     ray.shutdown()
+
+
+_two_node_running = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the two-node cluster run last (stable order otherwise): see the module docstring."""
+    items[:] = ([i for i in items if "two_node_cluster" not in getattr(i, "fixturenames", ())]
+                + [i for i in items if "two_node_cluster" in getattr(i, "fixturenames", ())])
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(s3_server):
+    """A head (no CPUs) and a worker node (2 CPUs) in its own mount namespace, private /tmp and ~/.cache.
+
+    Started after the S3 server, so both nodes take ``AWS_*`` from their environment; this process is their
+    driver (``RAY_AUTH_MODE=disabled``, ``init_ray(address)`` as ``sarl --address`` connects). Yields the
+    ``two_node.TwoNodeCluster``; the nodes are stopped by the ids of the processes started.
+    """
+    global _two_node_running
+    import ray
+    import two_node
+
+    from sarl.platform.train import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the local ray_cluster of the tests that ran before: one cluster per driver
+    _two_node_running = True
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        env.delenv("RAY_ADDRESS", raising=False)
+        cluster = two_node.start(worker_cpus=2)
+        try:
+            init_ray(cluster.address)
+            deadline = time.monotonic() + 60
+            while sum(n["Alive"] for n in ray.nodes()) < 2 or ray.cluster_resources().get("CPU", 0) < 2:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the worker node did not join: {ray.nodes()}")
+                time.sleep(0.5)
+            yield cluster
+        finally:
+            ray.shutdown()
+            two_node.stop(cluster)

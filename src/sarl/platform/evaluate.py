@@ -1,37 +1,48 @@
 """``sarl evaluate``: metrics of a checkpoint on its run's validation or test split, in files and a plot.
 
-The checkpoint carries its resolved job and partial-label mask, so the validation split is rebuilt exactly as
-training saw it. With ``workers > 1`` the evaluation runs data-parallel on Ray (each worker scores a disjoint
-shard; torchmetrics gathers them), which gives the same numbers as one process.
+The checkpoint carries its job (with the data set's URI, not a node's copy of it) and partial-label mask, so the
+validation split is rebuilt exactly as training saw it, on any machine.
+
+Where it runs: on a Ray cluster's workers when there is one (this process is connected to one, or one is named by
+``address``, the job's ``address`` or ``$RAY_ADDRESS``; ``workers > 1`` starts a local one otherwise). ``workers``
+Ray tasks, each with the resources of one training worker of the job (its GPU when it trained on GPUs), score
+disjoint shards; each node copies the checkpoint and an ``s3://`` data set into its own cache once. The shards'
+logits and targets come back through Ray and the metrics are computed over all of them here, so any number of
+workers gives the numbers of one. Without a cluster (``on_cluster=False``, or none connected or named) it scores
+in this process on its CPU.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
 
 from ..model import engine
 from ..model.checkpoint import load_checkpoint
-from ..model.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
+from ..model.config import ConfigError, from_dict, merge, parse_overrides, to_dict
 from ..model.experiment import make_loader, prepare_data
 from ..model.metrics import MultiLabelMetrics
-from ..plots import per_class_ap
 from . import storage
 from .job import JobConfig
-from .train import JOB_FILE, init_ray, shard
+from .train import JOB_FILE, init_ray, resolve_data_uris, shard
 
 
-def checkpoint_job(ckpt_dir: Path, overrides: list[str] = ()) -> JobConfig:
-    """The job a checkpoint was trained with, with ``key=value`` overrides (e.g. ``data.root=...``)."""
-    path = ckpt_dir / JOB_FILE
-    if not path.is_file():
-        raise ConfigError(f"{ckpt_dir} has no {JOB_FILE}: not a checkpoint written by sarl train")
-    return from_dict(JobConfig, merge(load_yaml(path), parse_overrides(overrides)))
+def checkpoint_job(checkpoint: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """The job a checkpoint (a local directory or ``s3://`` prefix) was trained with, with ``key=value`` overrides
+    (e.g. ``data.root=...``); only its ``job.yaml`` is read."""
+    path = storage.join(str(checkpoint), JOB_FILE)
+    if not storage.exists(path):
+        raise ConfigError(f"{checkpoint} has no {JOB_FILE}: not a checkpoint written by sarl train")
+    stored = yaml.safe_load(storage.read_text(path)) or {}
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(JobConfig, merge(stored, parse_overrides(overrides)))
 
 
 def _split(job: JobConfig, ckpt_dir: Path, split: str):
@@ -52,68 +63,101 @@ def chance_map(labels) -> float:
     return float(100 * rates[(labels == 1).any(0)].mean())
 
 
-def _evaluate_local(ckpt_dir: Path, job: JobConfig, split: str, rank: int = 0, world: int = 1,
-                    device: torch.device | str = "cpu") -> dict[str, Any]:
+def score_shard(ckpt_dir: Path, job: JobConfig, split: str, rank: int = 0, world: int = 1,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Logits and targets of shard ``rank`` of ``world`` of the split, and what every shard knows of the whole
+    split (categories, size, chance mAP). The data set is this node's copy of an ``s3://`` one."""
+    job = resolve_data_uris(job, model_files=False)  # the checkpoint holds the semantics: no word vectors
     dataset, categories = _split(job, ckpt_dir, split)
     model = load_checkpoint(ckpt_dir, map_location=device, resolve=storage.local_copy)  # s3:// weights source
     loader = make_loader(shard(dataset, rank, world), job.train.eval_batch_size, False, job.data.num_workers)
-    metrics = MultiLabelMetrics(len(categories)).to(device)
-    result = engine.evaluate(model, loader, device, metrics=metrics, amp=job.train.amp,
-                             progress=job.train.progress and rank == 0, desc=f"evaluate {split}")
-    result["categories"] = categories
-    result["num_images"] = len(dataset)
-    result["chance_mAP"] = chance_map(dataset.labels)
+    out = engine.evaluate(model, loader, device, num_classes=len(categories), amp=job.train.amp,
+                          progress=job.train.progress and rank == 0, desc=f"evaluate {split}", return_outputs=True)
+    return {"logits": out["logits"].numpy(), "targets": out["targets"].numpy(), "skipped_images":
+            out["skipped_images"], "categories": categories, "num_images": len(dataset),
+            "chance_mAP": chance_map(dataset.labels)}
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics over every shard's logits and targets (what one process scoring the whole split gives)."""
+    first = shards[0]
+    scored = [s for s in shards if len(s["logits"])]
+    metrics = MultiLabelMetrics(len(first["categories"]))
+    metrics.update(torch.from_numpy(np.concatenate([s["logits"] for s in scored])),
+                   torch.from_numpy(np.concatenate([s["targets"] for s in scored])))
+    result = {k: (v.tolist() if torch.is_tensor(v) and v.numel() > 1 else float(v))
+              for k, v in metrics.compute().items()}
+    result.update(skipped_images=sum(s["skipped_images"] for s in shards), categories=first["categories"],
+                  num_images=first["num_images"], chance_mAP=first["chance_mAP"])
     return result
 
 
-def _eval_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+def _evaluate_task(uri: str, job: dict[str, Any], split: str, rank: int, world: int) -> dict[str, Any]:
+    """One shard as a Ray task, on whichever node Ray placed it (``uri``: absolute path or ``s3://``)."""
+    import ray
 
-    ctx = ray.train.get_context()
-    ckpt_dir = Path(storage.local_copy(config["checkpoint"]))
-    job = from_dict(JobConfig, config["job"])
-    rank = ctx.get_world_rank()
-    result = _evaluate_local(ckpt_dir, job, config["split"], rank, ctx.get_world_size(), ray.train.torch.get_device())
-    # Train V2 keeps reported metrics with checkpoints only, so rank 0 returns them as a one-file checkpoint.
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            (Path(tmp) / "evaluation.json").write_text(json.dumps(result))
-        ray.train.report({"mAP": result["mAP"]}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0
-                         else None)
+    job = from_dict(JobConfig, job)
+    s = job.scaling
+    if not s.use_gpu:
+        torch.set_num_threads(s.torch_threads or max(1, int(s.cpus_per_worker)))
+    device = torch.device("cuda" if s.use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
+    out = score_shard(storage.local_copy(uri), job, split, rank, world, device)  # a copy per node, once
+    return {**out, "node": ray.get_runtime_context().get_node_id(), "device": str(device)}
+
+
+def task_options(job: JobConfig) -> dict[str, Any]:
+    """Ray resources of one evaluation task: those of one training worker of the job."""
+    s = job.scaling
+    return {"num_cpus": s.cpus_per_worker, "num_gpus": (s.gpus_per_worker or 1) if s.use_gpu else 0,
+            "resources": dict(s.resources_per_worker)}
+
+
+def _connected_or_named(address: str | None) -> bool:
+    import os
+
+    import ray
+
+    return ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
 
 
 def evaluate_checkpoint(uri: str, split: str = "val", overrides: list[str] = (), workers: int = 1,
-                        output_dir: str | Path | None = None, address: str | None = None) -> dict[str, Any]:
-    """Evaluate checkpoint ``uri`` (local or s3://); writes metrics.json, per_class_ap.csv/.png to output_dir."""
-    ckpt_dir = Path(storage.local_copy(uri))
-    job = checkpoint_job(ckpt_dir, list(overrides))
-    if workers <= 1:
-        result = _evaluate_local(ckpt_dir, job, split)
-    else:
-        import ray.train
-        from ray.train.torch import TorchTrainer
+                        output_dir: str | Path | None = None, address: str | None = None,
+                        on_cluster: bool | None = None) -> dict[str, Any]:
+    """Evaluate checkpoint ``uri`` (local or s3://); writes metrics.json, per_class_ap.csv/.png to output_dir.
 
-        init_ray(address or job.address)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = TorchTrainer(
-                _eval_loop_per_worker,
-                train_loop_config={"checkpoint": str(uri), "job": to_dict(job), "split": split},
-                scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=job.scaling.use_gpu),
-                run_config=ray.train.RunConfig(name="evaluate", storage_path=tmp))
-            outcome = trainer.fit()
-            if outcome.error:
-                raise outcome.error
-            with outcome.checkpoint.as_directory() as out:
-                result = json.loads((Path(out) / "evaluation.json").read_text())
-    result["checkpoint"] = str(uri)
-    result["split"] = split
+    ``on_cluster``: None (default) on Ray if a cluster is connected or named or ``workers > 1``, True on Ray
+    (starting a local cluster if none is named), False in this process. See the module docstring. The result
+    says where each shard ran (``evaluated_on``: rank, Ray node id or None, device).
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, not {workers}")
+    if not storage.is_s3(uri):
+        uri = str(Path(uri).expanduser().resolve())  # the tasks run in other working directories
+    job = checkpoint_job(uri, list(overrides))
+    address = address or job.address
+    if on_cluster is None:
+        on_cluster = workers > 1 or _connected_or_named(address)
+    if on_cluster:
+        import ray
+
+        init_ray(address)
+        world = workers
+        task = ray.remote(_evaluate_task).options(**task_options(job))
+        shards = ray.get([task.remote(uri, to_dict(job), split, rank, world) for rank in range(world)])
+        where = [{"rank": r, "node": s.pop("node"), "device": s.pop("device")} for r, s in enumerate(shards)]
+    else:
+        shards = [score_shard(Path(storage.local_copy(uri)), job, split)]
+        where = [{"rank": 0, "node": None, "device": "cpu"}]
+    result = merge_shards(shards)
+    result.update(checkpoint=str(uri), split=split, evaluated_on=where)
     if output_dir is not None:
         write_reports(result, Path(output_dir))
     return result
 
 
 def write_reports(result: dict[str, Any], output_dir: Path) -> None:
+    from ..plots import per_class_ap  # matplotlib: only where reports are written, not in every task
+
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k not in ("AP", "logits", "targets")}
     (output_dir / "metrics.json").write_text(json.dumps({**summary, "AP": result["AP"]}, indent=2))

@@ -99,9 +99,11 @@ def _record(trained: dict[str, Any], tested: dict[str, Any], history: list[dict[
 
 
 def _train_on_ray(job: JobConfig) -> dict[str, Any]:
-    """One run through Ray Train (``sarl train``), its best-on-validation checkpoint evaluated on test."""
+    """One run through Ray Train (``sarl train``), its best-on-validation checkpoint evaluated on test by the
+    cluster's workers (as many as trained, with their resources: GPUs for a GPU job), not on the driver."""
     trained = run_training(job)
-    tested = evaluate_checkpoint(trained["checkpoint"], "test")
+    tested = evaluate_checkpoint(trained["checkpoint"], "test", workers=job.scaling.num_workers, address=job.address,
+                                 on_cluster=True)
     return _record(trained["metrics"], tested, trained["history"], trained["checkpoint"])
 
 
