@@ -1,11 +1,19 @@
-"""The GPU checks behind scripts/gpu_check.sh: logits CPU vs GPU, serving and cached features on the GPU,
-and Ray Train smoke tests with images/s."""
+"""The GPU checks behind scripts/gpu_check.sh: logits CPU vs GPU, serving and cached features on the GPU, a
+2-worker run killed once and resumed on the GPU, evaluation on GPU workers, and Ray Train smoke tests with
+images/s.
+
+``--dry-run`` runs the Ray checks (resume, evaluation, smoke) on CPU workers at small sizes, so the script itself
+is checked on a machine without a GPU before GPU time is spent on it; the logits and serving checks then compare
+the CPU with itself.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,27 +76,91 @@ def serving_and_cache_match(device: str = "cuda") -> bool:
     return ok
 
 
-def train_smoke(model: str, size: int, images: int) -> bool:
+def resume_and_evaluate(gpu: bool = True) -> bool:
+    """A 2-worker run that fails once in epoch 2 and resumes from its epoch-1 checkpoint, then evaluation of its
+    best checkpoint on GPU workers.
+
+    On a GPU the resume is where the optimizer state must follow the parameters onto the device (loaded before
+    ``prepare_model`` moved them, the first step after the restart mixed devices). Each epoch must be in the raw
+    history once, and the checkpoint must hold both ranks' RNG states, CUDA's included. Two GPUs or more: one per
+    worker over NCCL; one GPU: the two workers share it over gloo (NCCL refuses two ranks on one device).
+    """
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sarl.model.checkpoint import load_train_state
+    from sarl.model.config import to_dict
+    from sarl.platform import storage
+    from sarl.platform.evaluate import evaluate_checkpoint
+    from sarl.platform.train import history_uri, init_ray, run_config, scaling_config, train_loop_per_worker
+
+    gpus = torch.cuda.device_count() if gpu else 0
+    share = gpu and gpus < 2
+    job = load_job("jobs/demo.yaml", [
+        "data.options.num_images=320", "train.epochs=3", "train.batch_size=16", "scaling.num_workers=2",
+        f"scaling.use_gpu={str(gpu).lower()}", *([f"scaling.gpus_per_worker={0.5 if share else 1}"] if gpu else []),
+        "run.fail_once_at_epoch=2", "run.max_failures=1", "run.keep_checkpoints=3",
+        f"run.storage_path={tempfile.mkdtemp()}", "run.name=gpu-resume"])
+    start = time.perf_counter()
+    init_ray(job.address)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"job": to_dict(job)},
+                           scaling_config=scaling_config(job), run_config=run_config(job),
+                           torch_config=TorchConfig(backend="gloo" if share or not gpu else "nccl"))
+    result = trainer.fit()
+    if result.error:
+        print(f"resume on {'GPU' if gpu else 'CPU'}: FAIL, {result.error!r}")
+        return False
+    epochs = [json.loads(line)["epoch"] for line in storage.read_text(history_uri(job)).splitlines()]
+    failed = storage.exists(storage.join(job.run.storage_path, job.run_name, ".failed_once_at_epoch_2"))
+    with result.checkpoint.as_directory() as ckpt:
+        ranks = load_train_state(Path(ckpt))["rng_per_rank"]
+    cuda_rng = all("cuda" in r for r in ranks) if gpu else True
+    distinct = not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    ok = failed and epochs == [1, 2, 3] and len(ranks) == 2 and cuda_rng and distinct
+    print(f"2 workers {'sharing one GPU (gloo)' if share else 'on GPUs (NCCL)' if gpu else 'on CPUs (gloo)'}: "
+          f"failed once in epoch 2 {failed}, raw history epochs {epochs}, RNG states of {len(ranks)} ranks "
+          f"(CUDA {cuda_rng}, distinct {distinct}), {time.perf_counter() - start:.0f} s  {'OK' if ok else 'FAIL'}")
+    best = max(result.best_checkpoints, key=lambda cm: cm[1]["val_mAP"])
+    workers = 2 if not gpu or gpus >= 2 else 1  # 2 eval workers on one GPU would each wait for a whole GPU
+    evaluated = evaluate_checkpoint(best[0].path, "val", workers=workers)
+    eval_err = abs(evaluated["mAP"] - best[1]["val_mAP"])
+    eval_ok = eval_err < (1.0 if gpu else 1e-3)  # bf16 on the GPU against what the evaluation ran in
+    print(f"evaluation with {workers} worker(s) of the best checkpoint: mAP {evaluated['mAP']:.2f}, training said "
+          f"{best[1]['val_mAP']:.2f} (|diff| {eval_err:.2e})  {'OK' if eval_ok else 'FAIL'}")
+    return ok and eval_ok
+
+
+def train_smoke(model: str, size: int, images: int, gpu: bool = True) -> bool:
     job = load_job("jobs/demo.yaml", [
         f"model.name={model}", "model.pretrained=null", "model.semantic_source=clip",
-        f"data.options.num_images={images}", f"data.options.image_size={size}", "data.num_workers=4",
-        "train.epochs=2", "train.batch_size=32", "scaling.num_workers=1", "scaling.use_gpu=true",
-        "scaling.cpus_per_worker=4", f"run.storage_path={tempfile.mkdtemp()}", f"run.name=gpu-{model}"])
+        f"data.options.num_images={images}", f"data.options.image_size={size}",
+        f"data.num_workers={4 if gpu else 0}", "train.epochs=2", "train.batch_size=32", "scaling.num_workers=1",
+        f"scaling.use_gpu={str(gpu).lower()}",
+        "scaling.cpus_per_worker=4" if gpu else "scaling.cpus_per_worker=1",
+        f"run.storage_path={tempfile.mkdtemp()}", f"run.name=gpu-{model}"])
     start = time.perf_counter()
     result = run_training(job)
     rate = max(row["samples_per_s"] for row in result["history"])
-    print(f"{model:<5} Ray Train on GPU (NCCL, bf16): {rate:.0f} images/s, val mAP {result['metrics']['val_mAP']:.1f},"
+    where = "GPU (NCCL, bf16)" if gpu else "CPU"
+    print(f"{model:<5} Ray Train on {where}: {rate:.0f} images/s, val mAP {result['metrics']['val_mAP']:.1f},"
           f" {time.perf_counter() - start:.0f} s")
     return rate > 0
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    dry = "--dry-run" in argv
+    if dry:  # the Ray checks on CPU workers, small: the script's own check on a machine without a GPU
+        ok = serving_and_cache_match("cpu")
+        ok &= resume_and_evaluate(gpu=False)
+        ok &= train_smoke("tiny", 64, 128, gpu=False)
+        print("GPU checks, dry run on the CPU:", "passed" if ok else "FAILED")
+        return 0 if ok else 1
     if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
+        print("no CUDA device (--dry-run runs the checks on the CPU)", file=sys.stderr)
         return 1
     ok = logits_cpu_vs_gpu("tiny", 64)
     ok &= logits_cpu_vs_gpu("rn50", 224, pretrained=None, semantic_source="clip")
     ok &= serving_and_cache_match()
+    ok &= resume_and_evaluate()
     ok &= train_smoke("tiny", 64, 1200)
     ok &= train_smoke("rn50", 224, 512)
     print("GPU checks:", "passed" if ok else "FAILED")
@@ -96,4 +168,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -136,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val", choices=("val", "test"))
     evaluate.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                           help="override the checkpoint's job, e.g. data.root=/data/voc data.test_split=test")
-    evaluate.add_argument("--workers", type=int, default=1, help="data-parallel evaluation on Ray with N workers")
+    evaluate.add_argument("--workers", type=int, default=1,
+                          help="score N disjoint shards as N Ray tasks, each with one training worker's resources")
     evaluate.add_argument("--output-dir", help="where to write metrics.json, per_class_ap.csv and .png")
-    evaluate.add_argument("--address", help="Ray cluster address (only with --workers > 1)")
+    evaluate.add_argument("--address", help="Ray cluster to evaluate on (default: $RAY_ADDRESS; with neither, "
+                          "--workers 1 scores in this process and --workers N starts a local cluster)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     evaluate.set_defaults(func=_evaluate)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,6 +166,25 @@ def test_pyarrow_filesystem(s3_bucket: str) -> None:
     storage.write_bytes(f"s3://{s3_bucket}/ray/results/y.txt", b"from boto3")
     with filesystem.open_input_stream(f"{path}/y.txt") as stream:
         assert stream.read() == b"from boto3"
+
+
+def test_pyarrow_filesystem_holds_no_credentials_and_takes_the_buckets_region(s3_server: str) -> None:
+    """Ray pickles the filesystem (Tune's tuner.pkl in the results, every worker's copy): no key may be in it, and
+    Arrow does not follow region redirects, so a bucket outside the environment's region must be found there."""
+    import os
+    import pickle
+
+    bucket = f"sarl-eu-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    filesystem, path = storage.pyarrow_filesystem(f"s3://{bucket}/runs")
+    assert filesystem.region == "eu-west-1"  # not AWS_DEFAULT_REGION (us-east-1)
+    pickled = pickle.dumps(filesystem)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in pickled
+    assert os.environ["AWS_ACCESS_KEY_ID"].encode() not in pickled
+    with pickle.loads(pickled).open_output_stream(f"{path}/x.txt") as out:  # credentials from the environment
+        out.write(b"default chain")
+    assert storage.read_bytes(f"s3://{bucket}/runs/x.txt") == b"default chain"
 
 
 @pytest.mark.integration

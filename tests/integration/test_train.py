@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
+from sarl.model.config import ConfigError
 from sarl.platform.evaluate import evaluate_checkpoint
 from sarl.platform.job import load_job
 from sarl.platform.train import run_training
@@ -23,6 +25,14 @@ def job(storage_path, name, *overrides):
 
 def epochs_reported(result):
     return [int(row["epoch"]) for row in result["history"]]
+
+
+def raw_history(storage_path, name):
+    """Every row the run wrote to history.jsonl, repeats included (``result["history"]`` keeps one per epoch)."""
+    from sarl.platform import storage
+
+    text = storage.read_text(storage.join(str(storage_path), name, "history.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_train_on_local_storage_and_evaluate(ray_cluster, tmp_path):
@@ -60,6 +70,72 @@ def test_rerun_with_the_same_name_resumes_at_the_next_epoch(ray_cluster, tmp_pat
                          "run.keep_checkpoints=5"))
     result = run_training(job(tmp_path / "runs", "resume", "run.keep_checkpoints=5"))
     assert epochs_reported(result) == [1, 2]  # epoch 1 from the first attempt, epoch 2 from the rerun only
+    assert [row["epoch"] for row in raw_history(tmp_path / "runs", "resume")] == [1, 2]  # not started over
+    with pytest.raises(ConfigError) as info:  # the same name with a changed job: refused before Ray is asked
+        run_training(job(tmp_path / "runs", "resume", "optim.lr=0.01"))
+    assert "optim.lr: 0.003 -> 0.01" in str(info.value) and "run.resume=always" in str(info.value)
+
+
+SLOW_PUT_S = 4.0
+
+
+@pytest.fixture
+def slow_checkpoint_uploads(monkeypatch):
+    """moto's server (it runs in this process) holds every PUT of a checkpoint's train_state.pt for SLOW_PUT_S."""
+    from moto.s3.responses import S3Response
+
+    original = S3Response.key_response
+
+    def slow(self, request, full_url, headers):
+        if request.method == "PUT" and full_url.split("?")[0].endswith("/train_state.pt"):
+            time.sleep(SLOW_PUT_S)
+        return original(self, request, full_url, headers)
+
+    monkeypatch.setattr(S3Response, "key_response", slow)
+    return SLOW_PUT_S
+
+
+@pytest.mark.timeout(420)  # today's failure mode is a hang
+def test_two_workers_skip_unreadable_batches_together_and_upload_checkpoints_in_the_background(
+        ray_cluster, s3_bucket, slow_checkpoint_uploads, tmp_path):
+    """Data and runs on S3; most training images unreadable with ``data.on_bad_image: skip`` and batches of 2, so
+    one rank often has a whole batch to skip while the other has images. The ranks skip such steps together (a
+    rank skipping alone left the other in DDP's all-reduce: a hang), report the loss and counts of both ranks,
+    save each rank's RNG state, and the checkpoint upload (made slow here) overlaps the next epoch."""
+    import numpy as np
+    import yaml
+
+    from sarl.model.checkpoint import load_train_state
+    from sarl.model.data import SyntheticShapes
+    from sarl.model.data.splits import train_val_split
+    from sarl.platform import storage
+
+    shapes = tmp_path / "shapes"
+    SyntheticShapes(64, image_size=64, num_classes=3, seed=3).write_to(shapes)
+    train_idx, _ = train_val_split(64, 0.25, 0)
+    bad = np.random.default_rng(0).choice(train_idx, size=int(0.6 * len(train_idx)), replace=False)
+    for i in bad:
+        (shapes / "images" / f"{i:06d}.png").write_bytes(b"not an image")
+    storage.upload_dir(shapes, f"s3://{s3_bucket}/shapes")
+    spec = yaml.safe_load(open("jobs/demo.yaml"))
+    spec["data"] = {"kind": "manifest", "root": f"s3://{s3_bucket}/shapes", "known_proportion": 0.5,
+                    "augment": "none", "num_workers": 0, "on_bad_image": "skip", "val_fraction": 0.25}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    runs = f"s3://{s3_bucket}/runs"
+    result = run_training(load_job(tmp_path / "job.yaml", [
+        "train.batch_size=2", "train.eval_batch_size=16", "train.epochs=2", "train.progress=false", "model.rank=16",
+        f"run.storage_path={runs}", "run.name=badimages", "run.keep_checkpoints=2"]))
+
+    rows = raw_history(runs, "badimages")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["skipped_images"] > 0 and r["samples"] > 0 for r in rows), rows  # both ranks' counts
+    ckpt = storage.local_copy(result["latest_checkpoint"])
+    ranks = load_train_state(ckpt)["rng_per_rank"]  # the latest checkpoint is whole: its slow file is in
+    assert len(ranks) == 2 and not np.array_equal(ranks[0]["torch"].numpy(), ranks[1]["torch"].numpy())
+    first, second = rows
+    assert first["checkpoint_upload_s"] >= slow_checkpoint_uploads  # the upload did take that long ...
+    waited = second["started_at"] - (first["started_at"] + first["epoch_seconds"])
+    assert waited < slow_checkpoint_uploads / 2, waited  # ... while epoch 2 had already started
 
 
 @pytest.mark.parametrize("override,message", [
@@ -103,3 +179,14 @@ def test_protocol_uses_the_same_mask_for_every_method_and_writes_the_table(ray_c
     assert np.array_equal(masks["sarl", 0.6], masks["global", 0.6])
     assert not np.array_equal(masks["sarl", 0.2], masks["sarl", 0.6])
     assert (masks["sarl", 0.2] >= 0).mean() < (masks["sarl", 0.6] >= 0).mean()
+
+
+def test_a_relative_storage_path_keeps_the_history_beside_the_run(ray_cluster, tmp_path, monkeypatch):
+    """Train V2 runs workers in a directory of their own: a relative run.storage_path (the default's kind) is
+    resolved on the driver, so rank 0's history.jsonl lands where run_training reads it back."""
+    relative = job("runs/ray", "relative", "train.epochs=1")  # loaded from the checkout, then run from tmp_path
+    monkeypatch.chdir(tmp_path)
+    result = run_training(relative)
+    assert epochs_reported(result) == [1]
+    assert (tmp_path / "runs" / "ray" / "relative" / "history.jsonl").is_file()
+    assert result["checkpoint"].startswith(str(tmp_path / "runs" / "ray" / "relative"))

@@ -1,5 +1,6 @@
 """Ray Tune sweeps on the real local cluster: ASHA stops trials, the best job reproduces, an interrupted sweep
-resumes without rerunning finished trials, and a sweep keeps its storage and feature cache on moto's S3."""
+resumes (with ASHA) without rerunning finished trials or repeating epochs, a sweep keeps its storage and feature
+cache on moto's S3 and writes no credential anywhere, and trial drivers do not starve whole-node workers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sarl.model.config import ConfigError
 from sarl.platform import storage
 from sarl.platform.job import load_job
 from sarl.platform.train import run_training
@@ -53,22 +55,36 @@ def _progress(experiment: Path) -> dict[str, str]:
     return {p.parent.name: p.read_text() for p in experiment.glob("run_trial_*/progress.csv")}
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+def _epochs(progress_csv: str) -> list[int]:
+    """The ``epoch`` column of a progress.csv as written (every row, repeats included)."""
+    import csv
+    import io
+
+    return [int(float(row["epoch"])) for row in csv.DictReader(io.StringIO(progress_csv))]
+
+
+def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epochs(ray_cluster, tmp_path):
+    """Ctrl-C once the first trial finished and the second reported its first epoch (ASHA's first rung), then the
+    same sweep again. ASHA (grace 1, reduction 3, 3 epochs: rungs at epochs 1 and 3) decides on the reported
+    epoch: a resumed trial continues at epoch k+1 while its Tune iteration starts at 1 again."""
     import ray
 
     storage_path = tmp_path / "tune"
+    overrides = [f"storage_path={storage_path}", "max_concurrent_trials=1", "overrides.train.epochs=3", *SMALL]
     args = [str(Path(sys.executable).parent / "sarl"), "tune", "--config", str(SWEEP), "--address",
-            ray.get_runtime_context().gcs_address, f"storage_path={storage_path}", "max_concurrent_trials=1",
-            "overrides.train.epochs=2", "scheduler.name=none", *SMALL]
+            ray.get_runtime_context().gcs_address, *overrides]
     experiment = storage_path / "sweep_demo"
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 400
         finished: list[str] = []
-        while time.monotonic() < deadline and len(finished) < 2:
-            time.sleep(1)
-            finished = [name for name, text in _progress(experiment).items() if text.count("\n") == 1 + 2]
-        assert len(finished) >= 2, "two trials did not finish in time"
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            progress = _progress(experiment)
+            finished = [name for name, text in progress.items() if len(_epochs(text)) == 3]
+            if finished and any(len(_epochs(text)) in (1, 2) for text in progress.values()):
+                break
+        assert finished, "no trial finished in time"
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and exits
         first.wait(timeout=120)
     finally:
@@ -76,21 +92,27 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
             os.killpg(first.pid, signal.SIGKILL)
     before = _progress(experiment)
 
-    sweep, job = load_sweep(SWEEP, [f"storage_path={storage_path}", "max_concurrent_trials=1",
-                                    "overrides.train.epochs=2", "scheduler.name=none", *SMALL])
+    sweep, job = load_sweep(SWEEP, overrides)
+    assert sweep.scheduler.name == "asha"
     result = run_sweep(sweep, job)
     after = _progress(experiment)
-    assert len(result["trials"]) == 4 and all(t["status"] == "completed" for t in result["trials"])
+    assert len(result["trials"]) == 4 and all(t["error"] is None for t in result["trials"]), result["trials"]
     for name in finished:  # not rerun: the same rows, no more
         assert after[name] == before[name]
+    for name, text in after.items():  # what Tune recorded: each epoch once, in order, stopped only at a rung
+        epochs = _epochs(text)
+        assert epochs == list(range(1, len(epochs) + 1)), (name, epochs)
+        assert epochs[-1] in (1, 3), (name, epochs)  # rung 1, or the last epoch (rung 3 = max_t)
     train_runs = sorted((experiment / "train").glob("*/history.jsonl"))
     assert len(train_runs) == 4
     for history in train_runs:  # each trial's Train run reported each epoch once
         epochs = [json.loads(line)["epoch"] for line in history.read_text().splitlines()]
-        assert epochs == [1, 2], (history, epochs)
+        assert epochs == list(range(1, len(epochs) + 1)), (history, epochs)
 
 
-def test_sweep_with_storage_and_feature_cache_in_s3(ray_cluster, s3_bucket, tmp_path):
+def test_sweep_with_storage_and_feature_cache_in_s3(ray_cluster, s3_bucket, tmp_path, capfd):
+    import ray
+
     root = f"s3://{s3_bucket}"
     sweep_file = tmp_path / "sweep_s3.yaml"
     sweep_file.write_text(f"""
@@ -111,10 +133,59 @@ storage_path: {root}/tune
 output_dir: {tmp_path / "results"}
 """)
     sweep, job = load_sweep(sweep_file)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    assert len(secret) >= 16  # conftest's distinctive fake secret: found nowhere by chance
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    logs_before = {p: p.stat().st_size for p in logs.rglob("*") if p.is_file()}
     result = run_sweep(sweep, job)
     assert len(result["trials"]) == 2 and all(t["status"] == "completed" for t in result["trials"])
     assert storage.exists(f"{root}/tune/sweep_s3/results/best_job.yaml")
+    # No credential in anything the sweep wrote (Tune's tuner.pkl and experiment state included) ...
+    written = storage.download_dir(root, tmp_path / "bucket")
+    files = [p for p in written.rglob("*") if p.is_file()]
+    assert any(p.name == "tuner.pkl" for p in files), sorted(p.name for p in files)
+    assert [str(p) for p in files if secret in p.read_bytes()] == []
+    # ... nor in any log line of the run: this process's output and the cluster's logs (workers, drivers, raylet)
+    out, err = capfd.readouterr()
+    assert secret not in (out + err).encode()
+    grown = [p for p in logs.rglob("*") if p.is_file() and p.stat().st_size != logs_before.get(p)]
+    assert grown, "the run wrote no log"
+    assert [str(p) for p in grown if secret in p.read_bytes()] == []
     assert any("experiment_state" in f for f in storage.list_files(f"{root}/tune/sweep_s3"))
     assert storage.list_files(f"{root}/cache"), "no feature cache entry in the bucket"
     first, second = sorted(result["trials"], key=lambda t: t["trial_id"])
     assert first["cache_misses"][0] > 0 and second["cache_hits"][0] > 0, result["trials"]
+
+
+def test_a_trial_whose_workers_want_a_whole_node_still_gets_its_driver_placed(ray_cluster, tmp_path):
+    """One trial whose single worker asks for every CPU of the biggest node: the driver's 0.1 CPU comes out of that
+    budget (the worker asks for the rest), so both fit. With the driver's CPU on top, the worker never fitted
+    anywhere and the trial waited forever. Custom driver resources that no node has are refused up front."""
+    import ray
+
+    # The biggest node's CPUs, or what is free of them (earlier tests may leave a placement group behind).
+    node_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    node_cpus = min(node_cpus, int(ray.available_resources().get("CPU", 0) * 10) / 10)
+    assert node_cpus >= 1, ray.available_resources()
+    sweep_file = tmp_path / "sweep_whole_node.yaml"
+    sweep_file.write_text(f"""
+name: sweep_whole_node
+job: {REPO / "jobs" / "demo.yaml"}
+overrides:
+  data: {{options: {{num_images: 120, image_size: 64, seed: 0}}}}
+  train: {{epochs: 1, batch_size: 16}}
+space:
+  loss.name: {{grid: [asl]}}
+num_samples: 1
+scheduler: {{name: none}}
+resources: {{num_workers: 1, cpus_per_worker: {node_cpus}}}
+storage_path: {tmp_path / "tune"}
+""")
+    sweep, job = load_sweep(sweep_file, ["resources.driver_cpus=0",
+                                         "resources.driver_resources={sarl_no_such_resource: 0.01}"])
+    with pytest.raises(ConfigError, match="sarl_no_such_resource"):
+        run_sweep(sweep, job)
+    sweep, job = load_sweep(sweep_file)
+    assert job["scaling"]["cpus_per_worker"] == pytest.approx(node_cpus - 0.1)
+    result = run_sweep(sweep, job)
+    assert [t["status"] for t in result["trials"]] == ["completed"], result["trials"]

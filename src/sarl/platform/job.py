@@ -40,6 +40,13 @@ class RunSection:
     # Rehearse recovery: rank 0 raises once in this epoch (a marker file under the run makes it once only).
     fail_once_at_epoch: int | None = field(None, check=positive())
     log_every_epoch: bool = True
+    # A run name that already has a checkpoint: ``auto`` resumes it if its stored job.yaml is this job (fields that
+    # may change on resume aside: RESUME_IGNORED in train.py) and refuses, naming the differences, if not;
+    # ``always`` resumes whatever changed (a warning names it); ``never`` refuses to touch an existing run.
+    resume: str = field("auto", choices=("auto", "always", "never"))
+    # ``async``: rank 0 uploads each epoch's checkpoint in the background while the next epoch trains (Train V2's
+    # CheckpointUploadMode.ASYNC); ``sync``: every rank waits in ray.train.report until the upload is done.
+    checkpoint_upload: str = field("async", choices=("async", "sync"))
 
 
 @dataclasses.dataclass

@@ -581,11 +581,38 @@ def check_writable(uri: Uri, endpoint_url: str | None = None) -> None:
         raise StorageError(f"cannot reach {where}: {error}") from error
 
 
+def bucket_region(bucket: str, endpoint: str | None = None) -> str:
+    """The region ``bucket`` lives in, for clients that do not follow region redirects (Arrow's).
+
+    On AWS (no endpoint override) ``pyarrow.fs.resolve_s3_region`` asks AWS; a custom endpoint (MinIO, moto, Ceph)
+    is asked with a HEAD of the bucket (its ``x-amz-bucket-region`` header). Without an answer: ``AWS_DEFAULT_REGION``,
+    ``AWS_REGION``, else us-east-1.
+    """
+    fallback = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    if endpoint is None:
+        import pyarrow.fs
+
+        try:
+            return pyarrow.fs.resolve_s3_region(bucket)
+        except (OSError, ValueError):
+            return fallback
+    try:
+        response = s3_client(endpoint, fail_fast=True).head_bucket(Bucket=bucket)
+    except ClientError as error:  # a redirect or a refusal still names the region
+        response = error.response
+    except BotoCoreError:
+        return fallback
+    return (response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")) or fallback
+
+
 def pyarrow_filesystem(uri: Uri) -> tuple[pyarrow.fs.S3FileSystem | None, str]:
     """``(filesystem, path)`` for Ray's ``RunConfig(storage_filesystem=..., storage_path=...)``.
 
-    On S3 the filesystem uses the same endpoint, region and environment credentials as boto3 here,
-    and the path is ``bucket/prefix`` (Ray wants it without the scheme when a filesystem is given).
+    On S3 the filesystem uses the same endpoint as boto3 here and the bucket's own region (``bucket_region``), and
+    the path is ``bucket/prefix`` (Ray wants it without the scheme when a filesystem is given). Credentials are not
+    put into it: Arrow's default chain (environment, shared config and profiles, web identity, instance metadata)
+    finds them in whichever process uses the filesystem, so a pickled filesystem (Tune's ``tuner.pkl`` in the
+    results, the copies Ray sends to workers) holds no secret, and refreshed session tokens are picked up.
     Local paths come back as ``(None, path)`` so Ray uses its default local filesystem.
     """
     if not is_s3(uri):
@@ -593,15 +620,8 @@ def pyarrow_filesystem(uri: Uri) -> tuple[pyarrow.fs.S3FileSystem | None, str]:
     import pyarrow.fs  # heavy; only Ray's storage needs it
 
     bucket, key = parse_s3(uri)
-    options: dict[str, Any] = {
-        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-        "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
-        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        "session_token": os.environ.get("AWS_SESSION_TOKEN"),
-        "connect_timeout": 5,
-        "request_timeout": 30,
-    }
     endpoint = resolve_endpoint()
+    options: dict[str, Any] = {"region": bucket_region(bucket, endpoint), "connect_timeout": 5, "request_timeout": 30}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         options.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)

@@ -40,7 +40,10 @@ from .job import JobConfig, check_job, check_not_empty
 log = logging.getLogger("sarl.tune")
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
-TRIAL_DRIVER_CPUS = 0.1
+TRIAL_DRIVER_CPUS = 0.1  # the default resources.driver_cpus
+DRIVER_FIELDS = ("driver_cpus", "driver_resources")  # ResourcesSection fields that are not the trial job's scaling
+# What Tune would copy from the driver's environment into every trial actor's runtime_env (see run_sweep).
+CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
 
 
 @dataclasses.dataclass
@@ -58,12 +61,40 @@ class SearchSection:
 
 @dataclasses.dataclass
 class ResourcesSection:
-    """Per trial: the TorchTrainer's workers (``scaling`` of the trial's job)."""
+    """Per trial: the TorchTrainer's workers (``scaling`` of the trial's job) and the trial's driver.
+
+    The driver is the trial function that waits on its TorchTrainer; Tune needs it to ask for some resource. Its
+    ``driver_cpus`` come out of the trial's budget: each worker asks for ``cpus_per_worker - driver_cpus``, so a
+    node that holds a driver still fits a worker of the trial's size (whole-node workers do not starve). Or put
+    the drivers on the head: ``driver_cpus: 0`` and ``driver_resources: {sarl_driver: 0.01}``, a custom resource
+    only the head advertises (``ray start --head --resources='{"sarl_driver": 1}'``); workers then get all of
+    ``cpus_per_worker``.
+    """
 
     num_workers: int = field(1, check=positive())
     cpus_per_worker: float = field(1.0, check=positive())
     use_gpu: bool = False
     gpus_per_worker: float | None = None
+    driver_cpus: float = field(TRIAL_DRIVER_CPUS, check=(lambda v: v >= 0, "must be >= 0"))
+    driver_resources: dict = field(default_factory=dict)  # custom Ray resources of the driver, e.g. {sarl_driver: 0.01}
+
+    def __post_init__(self) -> None:
+        if self.driver_cpus >= self.cpus_per_worker:
+            raise ConfigError(f"resources.driver_cpus ({self.driver_cpus}) must be below resources.cpus_per_worker "
+                              f"({self.cpus_per_worker}): the driver's CPU is taken from each worker's")
+        if self.driver_cpus == 0 and not any(v > 0 for v in self.driver_resources.values()):
+            raise ConfigError("resources.driver_cpus is 0 and resources.driver_resources asks for nothing: a trial "
+                              "driver must ask for some resource (Tune refuses an empty request)")
+
+    def trial_scaling(self) -> dict[str, Any]:
+        """The trial job's ``scaling``: the workers' share of the budget."""
+        scaling = {k: v for k, v in to_dict(self).items() if k not in DRIVER_FIELDS}
+        scaling["cpus_per_worker"] = self.cpus_per_worker - self.driver_cpus
+        return scaling
+
+    def driver(self) -> dict[str, float]:
+        """What each trial's driver asks Tune for (``tune.with_resources``)."""
+        return {"cpu": self.driver_cpus, **self.driver_resources}
 
 
 @dataclasses.dataclass
@@ -118,7 +149,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
         base = load_yaml(job_path)
     job = merge(base, sweep.overrides)
     # Trials train with the sweep's resources; every sampled value must make a valid job on its own.
-    job = merge(job, {"scaling": to_dict(sweep.resources)})
+    job = merge(job, {"scaling": sweep.resources.trial_scaling()})
     check_space(sweep, job)
     return sweep, to_dict(check_job(from_dict(JobConfig, job)))
 
@@ -208,12 +239,12 @@ def run_trial(params: dict[str, Any], job: dict[str, Any], space: dict[str, Any]
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import resolve_data_uris, run_config, scaling_config, train_loop_per_worker
+    from .train import run_config, scaling_config, train_loop_per_worker
 
     job = trial_job(job, space, params)
     job.run.storage_path = train_storage
     job.run.name = tune.get_context().get_trial_id()  # a resumed trial continues its own Train run
-    job = resolve_data_uris(job)
+    # s3:// data stays a URI: each node's workers copy it (train_loop_per_worker), not this trial driver's node.
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"job": to_dict(job)},
                            scaling_config=scaling_config(job),
                            run_config=run_config(job, callbacks=[TuneReportCallback()]))
@@ -221,15 +252,16 @@ def run_trial(params: dict[str, Any], job: dict[str, Any], space: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------- the sweep
-def _tune_config(sweep: SweepConfig, max_epochs: int) -> Any:
+def _tune_config(sweep: SweepConfig, max_epochs: int, train_storage: str) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
     if sweep.scheduler.name == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                  grace_period=sweep.scheduler.grace_period,
-                                  reduction_factor=sweep.scheduler.reduction_factor)
+        from .asha import EpochASHA
+
+        # On the reported epoch, and refilled from the trials' histories when the sweep is resumed (see asha.py).
+        scheduler = EpochASHA(train_storage, max_t=max_epochs, grace_period=sweep.scheduler.grace_period,
+                              reduction_factor=sweep.scheduler.reduction_factor)
     if sweep.search.name == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -250,10 +282,12 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     """Run (or resume) the sweep; write the results; returns {trials, best, best_job, output_dir}."""
     from ray import tune
 
-    from .train import init_ray
+    from .train import absolute_paths, init_ray
 
     storage.check_writable(sweep.storage_path)
+    job = to_dict(absolute_paths(from_dict(JobConfig, job)))  # trials run in their own working directories
     init_ray(address or job.get("address"))
+    keep_credentials_out_of_trials()
     filesystem, path = storage.pyarrow_filesystem(sweep.storage_path)
     if filesystem is None:
         path = str(Path(path).expanduser().resolve())
@@ -262,20 +296,50 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
                                  sweep.name, "train")
     param_space = {key: _sampler(spec) for key, spec in sweep.space.items()}
     trainable = tune.with_parameters(run_trial, job=job, space=sweep.space, train_storage=train_storage)
-    # The trial function only waits on its TorchTrainer, whose workers hold the trial's CPUs and GPUs
-    # (Tune refuses a zero request, so it asks for a tenth of a CPU).
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})
+    # The trial function only waits on its TorchTrainer, whose workers hold the trial's CPUs and GPUs; its own
+    # request comes out of the trial's budget, or from the head's custom resource (ResourcesSection).
+    check_driver_resources(sweep)
+    trainable = tune.with_resources(trainable, sweep.resources.driver())
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("resuming sweep %s from %s", sweep.name, experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space, storage_filesystem=filesystem)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=_tune_config(sweep, job["train"]["epochs"]),
+                           tune_config=_tune_config(sweep, job["train"]["epochs"], train_storage),
                            run_config=tune.RunConfig(name=sweep.name, storage_path=path,
                                                      storage_filesystem=filesystem))
     grid = tuner.fit()
     return write_results(sweep, job, _trials(grid, sweep, job["train"]["epochs"]))
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Tune from copying the driver's AWS keys into each trial actor's ``runtime_env``.
+
+    Tune 2.60 copies ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and the session token from the driver's
+    environment into the ``env_vars`` of every trial actor (``ray/tune/execution/class_cache.py``). Ray then writes
+    them in plain text to the cluster's ``runtime_env_agent.log``, shows them in the dashboard's actor table, and a
+    session token frozen there expires during a long sweep. Trial actors are cluster workers like any other: they
+    find credentials on their node (environment, profile, instance or pod identity), as the Train workers do.
+    """
+    from ray.tune.execution import class_cache  # a module global Tune reads each time it makes a trial actor
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if propagated is not None:
+        class_cache.ENV_VARS_TO_PROPAGATE = frozenset(propagated) - CREDENTIAL_VARS
+
+
+def check_driver_resources(sweep: SweepConfig) -> None:
+    """Refuse, before any trial, custom driver resources no node of the cluster has (the trials would wait
+    forever)."""
+    import ray
+
+    available = ray.cluster_resources()
+    missing = sorted(k for k, v in sweep.resources.driver_resources.items() if v > 0 and k not in available)
+    if missing:
+        raise ConfigError(f"resources.driver_resources asks for {', '.join(missing)}, which no node of the cluster "
+                          f"has (start the head with ray start --head --resources='{{\"{missing[0]}\": 1}}', or "
+                          f"set resources.driver_resources={{}} and resources.driver_cpus={TRIAL_DRIVER_CPUS})")
 
 
 def _trials(grid: Any, sweep: SweepConfig, max_epochs: int) -> list[dict[str, Any]]:
