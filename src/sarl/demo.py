@@ -23,7 +23,7 @@ DEMO_JOB = {
              "options": {"num_images": 1200, "image_size": 64, "seed": 0}},
     "loss": {"name": "asl"},
     "optim": {"name": "adamw", "lr": 0.003, "lr_batch_size": 64, "weight_decay": 0.0001, "warmup_epochs": 0.5},
-    "train": {"epochs": 15, "batch_size": 32, "eval_batch_size": 128, "progress": False},
+    "train": {"epochs": 30, "batch_size": 32, "eval_batch_size": 128, "progress": False},
     "scaling": {"num_workers": 2, "cpus_per_worker": 1},
     "run": {"storage_path": "runs/ray", "max_failures": 1, "keep_checkpoints": 2},
 }
