@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import pytest
@@ -105,8 +106,13 @@ def two_node_cluster(s3_server):
     ``two_node.TwoNodeCluster``; the nodes are stopped by the ids of the processes started.
     """
     global _two_node_running
+    import sys
+
     import ray
     import two_node
+
+    if Path(sys.prefix).resolve().is_relative_to("/tmp"):  # the worker's private /tmp would hide this venv
+        pytest.skip(f"the virtual environment {sys.prefix} lies under /tmp, which the worker node mounts privately")
 
     from sarl.platform.train import init_ray
 
