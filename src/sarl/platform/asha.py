@@ -17,28 +17,19 @@ The module imports Ray Tune; ``sarl.platform.tune`` imports it only when a sweep
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
 from . import storage
+from .train import HISTORY_FILE, read_history_file
 
 TIME_ATTR = "epoch"
-HISTORY_FILE = "history.jsonl"  # train.HISTORY_FILE (train imports Ray Train, which this module does not need)
 
 
 def train_history(train_storage: str, trial_id: str) -> list[dict[str, Any]]:
     """The epochs a trial's Train run reported (a repeated epoch keeps its last row), in order."""
-    uri = storage.join(train_storage, trial_id, HISTORY_FILE)
-    if not storage.exists(uri):
-        return []
-    rows = {}
-    for line in storage.read_text(uri).splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["epoch"]] = row
-    return [rows[e] for e in sorted(rows)]
+    return read_history_file(storage.join(train_storage, trial_id, HISTORY_FILE))
 
 
 class EpochASHA(ASHAScheduler):

@@ -337,7 +337,11 @@ def append_history(job: JobConfig, report: dict[str, Any]) -> None:
 
 def read_history(job: JobConfig) -> list[dict[str, Any]]:
     """Every epoch the run reported, in order (a repeated epoch keeps its last report)."""
-    uri = history_uri(job)
+    return read_history_file(history_uri(job))
+
+
+def read_history_file(uri: str) -> list[dict[str, Any]]:
+    """The rows of a ``history.jsonl`` at ``uri``, one per epoch in order (a repeated epoch keeps its last row)."""
     if not storage.exists(uri):
         return []
     rows = {}
