@@ -5,9 +5,12 @@ isolated piece of it (a bucket, ...). Environment variables a part needs are set
 and restored afterwards, so that code under test finds the part the way it would in production.
 
 Two Ray clusters exist: ``ray_cluster`` (one local node, started by the test process) and ``two_node_cluster``
-(a head and a worker node that share no disk, ``two_node.py``). A process is the driver of one cluster at a
-time, so the tests that use the two-node cluster run after all the others (``pytest_collection_modifyitems``),
-and the two-node fixture ends the local cluster before it connects.
+(a head and a worker node that share no disk, ``two_node.py``). A process can be the driver of only one of them:
+after ``ray.shutdown()`` and ``ray.init()`` to a second cluster, every actor the driver creates is cancelled
+before it starts ("Actor creation cancelled", Ray 2.60; ray-project/ray#54841 is the same family), Train's
+controller included. So the tests that use the two-node cluster carry the ``two_node`` mark (added here, from the
+fixture) and run in a pytest process of their own: ``make test`` runs ``-m "not two_node"``, then ``-m two_node``.
+A session that selects both fails the two-node tests with that explanation rather than with Ray's error.
 """
 
 from __future__ import annotations
@@ -82,19 +85,26 @@ def ray_cluster(s3_server) -> Iterator[RayCluster]:
 
     from sarl.platform.train import init_ray
 
+    global _local_cluster_started
     if _two_node_running:
-        pytest.fail("ray_cluster requested after the two-node cluster started (they run last: see the module doc)")
+        pytest.fail("ray_cluster requested after the two-node cluster started: run the two kinds of tests in "
+                    "separate pytest processes (-m 'not two_node', then -m two_node; see the module doc)")
+    _local_cluster_started = True
     yield RayCluster(dashboard_url=f"http://{init_ray(num_cpus=4, dashboard=True)}")
     ray.shutdown()
 
 
 _two_node_running = False
+_local_cluster_started = False
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config, items):
-    """Tests on the two-node cluster run last (stable order otherwise): see the module docstring."""
-    items[:] = ([i for i in items if "two_node_cluster" not in getattr(i, "fixturenames", ())]
-                + [i for i in items if "two_node_cluster" in getattr(i, "fixturenames", ())])
+    """Tests on the two-node cluster get the ``two_node`` mark and run last (stable order otherwise)."""
+    two_node = [i for i in items if "two_node_cluster" in getattr(i, "fixturenames", ())]
+    for item in two_node:
+        item.add_marker(pytest.mark.two_node)
+    items[:] = [i for i in items if i not in two_node] + two_node
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +126,12 @@ def two_node_cluster(s3_server):
 
     from sarl.platform.train import init_ray
 
+    if _local_cluster_started:
+        pytest.fail("this pytest process already drove the local ray_cluster, and Ray cancels every actor a "
+                    "driver creates after it reconnects to a second cluster: run the two-node tests in a process "
+                    "of their own (pytest -m two_node; `make test` does)")
     if ray.is_initialized():
-        ray.shutdown()  # the local ray_cluster of the tests that ran before: one cluster per driver
+        ray.shutdown()  # a cluster a unit test started with plain tasks
     _two_node_running = True
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
