@@ -348,7 +348,7 @@ def _trials(grid: Any, sweep: SweepConfig, max_epochs: int) -> list[dict[str, An
     for result in grid:
         history = result.metrics_dataframe
         curve = [] if history is None or sweep.metric not in history else history[sweep.metric].tolist()
-        params = result.config
+        params = result.config or {}  # None for a trial that failed before it reported (its actor never ran)
         active = {k: v for k, v in params.items() if _active(sweep.space[k], params)}
         best = (max(curve) if sweep.mode == "max" else min(curve)) if curve else None
         status = ("error" if result.error else "completed" if len(curve) >= max_epochs else "stopped early")

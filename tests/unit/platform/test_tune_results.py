@@ -1,0 +1,30 @@
+"""The sweep's trial records (``tune._trials``), from results shaped as Tune's ``ResultGrid`` hands them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+
+from sarl.model.config import from_dict
+from sarl.platform.tune import SweepConfig, _trials
+
+
+def result(config, curve, error=None, path="sweep/run_trial_x"):
+    frame = None if curve is None else pd.DataFrame({"val_mAP": curve, "trial_id": ["t"] * len(curve)})
+    return SimpleNamespace(config=config, metrics_dataframe=frame, error=error, path=path,
+                           metrics={} if curve is None else {"trial_id": path.rsplit("/", 1)[-1]})
+
+
+def test_a_trial_that_failed_before_it_reported_is_listed_last_with_its_error():
+    """Tune gives ``config=None`` and no metrics for a trial whose actor never ran (seen on a two-node cluster)."""
+    sweep = from_dict(SweepConfig, {"space": {"loss.name": {"grid": ["asl", "an"]},
+                                              "loss.gamma_neg": {"choice": [2, 4], "when": {"loss.name": "asl"}}}})
+    grid = [result(None, None, error=RuntimeError("The actor never ran"), path="sweep/run_trial_a"),
+            result({"loss.name": "an", "loss.gamma_neg": 4}, [40.0, 55.0], path="sweep/run_trial_b"),
+            result({"loss.name": "asl", "loss.gamma_neg": 2}, [50.0], path="sweep/run_trial_c")]
+    trials = _trials(grid, sweep, max_epochs=2)
+    assert [t["trial_id"] for t in trials] == ["run_trial_b", "run_trial_c", "run_trial_a"]
+    assert [t["status"] for t in trials] == ["completed", "stopped early", "error"]
+    assert trials[0]["params"] == {"loss.name": "an"}  # gamma_neg applies to asl only
+    assert trials[2]["params"] == {} and trials[2]["best"] is None and "never ran" in trials[2]["error"]
