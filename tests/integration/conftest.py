@@ -44,6 +44,7 @@ def s3_server() -> Iterator[str]:
     """
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    _moto["server"] = server
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as env:
@@ -54,7 +55,64 @@ def s3_server() -> Iterator[str]:
         try:
             yield endpoint
         finally:
-            server.stop()
+            _moto["server"].stop()
+
+
+_moto: dict[str, ThreadedMotoServer] = {}
+
+
+class S3Outage:
+    """Stops the session's S3 endpoint and starts it again on the same port. moto keeps its buckets in this
+    process's memory, not in the server, so what was stored before the outage is there after it."""
+
+    def __init__(self) -> None:
+        self.host, self.port = _moto["server"].get_host_and_port()
+        self.outages: list[tuple[float, float]] = []  # (stopped, started) as time.time()
+
+    def stop(self) -> None:
+        _moto["server"].stop()  # the listening socket closes: connections are refused until start()
+
+    def start(self) -> None:
+        server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        server.start()
+        _moto["server"] = server
+
+    def for_seconds(self, seconds: float) -> None:
+        """An outage of ``seconds``, from a thread of its own (a request handler may ask for it)."""
+        import threading
+
+        def run() -> None:
+            stopped = time.time()
+            self.stop()
+            time.sleep(seconds)
+            self.start()
+            self.outages.append((stopped, time.time()))
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.fixture
+def s3_outage(s3_server) -> Iterator[S3Outage]:
+    outage = S3Outage()
+    try:
+        yield outage
+    finally:
+        deadline = time.monotonic() + 60
+        while not _server_answers(s3_server) and time.monotonic() < deadline:
+            time.sleep(0.5)  # an outage still running: the next tests need the endpoint back
+
+
+def _server_answers(endpoint: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(endpoint, timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture

@@ -62,6 +62,7 @@ def test_worker_failure_in_epoch_2_is_recovered(ray_cluster, tmp_path):
                               "run.max_failures=1", "run.keep_checkpoints=5"))
     assert (tmp_path / "runs" / "chaos" / ".failed_once_at_epoch_2").exists()  # the failure did happen
     assert epochs_reported(result) == [1, 2, 3]
+    assert [row["epoch"] for row in raw_history(tmp_path / "runs", "chaos")] == [1, 2, 3]  # as written: once each
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(ray_cluster, tmp_path):

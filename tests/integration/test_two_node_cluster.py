@@ -177,3 +177,142 @@ def test_a_sweep_trains_on_s3_data_on_the_worker_node(s3_data, tmp_path):
     result = run_sweep(sweep, to_dict(s3_job(s3_data, "unused", "scaling.num_workers=1")))
     assert [t["status"] for t in result["trials"]] == ["completed"], result["trials"]
     assert not Path(s3_data["driver_cache"]).exists()
+
+
+# ------------------------------------------------------------------------------------------- fault injection
+FAULT_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def fault_data(s3_data, tmp_path_factory) -> dict[str, str]:
+    """The same kind of data set, large enough that an epoch of two workers lasts seconds (a kill lands inside
+    one), in the same bucket."""
+    from sarl.model.data import SyntheticShapes
+
+    tmp = tmp_path_factory.mktemp("faultdata")
+    SyntheticShapes(960, image_size=32, categories=CATEGORIES, seed=2).write_to(tmp / "shapes")
+    root = f"s3://{s3_data['bucket']}/data/shapes960"
+    storage.upload_dir(tmp / "shapes", root)
+    return {**s3_data, "root": root}
+
+
+def fault_job(data: dict[str, str], name: str, *overrides: str):
+    return s3_job(data, name, "scaling.num_workers=2", f"train.epochs={FAULT_EPOCHS}", "run.keep_checkpoints=5",
+                  "run.max_failures=2", *overrides)
+
+
+def raw_history(data: dict[str, str], name: str) -> list[dict]:
+    """Every row the run wrote to its history.jsonl, repeats included."""
+    import json
+
+    text = storage.read_text(f"s3://{data['bucket']}/runs/{name}/history.jsonl")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def checkpoint_dirs(data: dict[str, str], name: str) -> dict[str, set[str]]:
+    """Each checkpoint directory the run left in storage -> the files in it."""
+    found: dict[str, set[str]] = {}
+    for relative in storage.list_files(f"s3://{data['bucket']}/runs/{name}"):
+        if relative.startswith("checkpoint_") and "/" in relative:
+            directory, file = relative.split("/", 1)
+            found.setdefault(directory, set()).add(file)
+    return found
+
+
+def train_worker_pids(cluster) -> list[int]:
+    """The Train worker processes of the worker node: descendants of its `ray start` only (other Ray instances
+    on this machine have workers of their own). Ray sets their process title to ``ray::RayTrainWorker...``."""
+    import two_node
+
+    pids = []
+    for pid in two_node._descendants(cluster.pids["worker"]):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"ray::RayTrainWorker"):
+            pids.append(pid)
+    return pids
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fault_data) -> list[dict]:
+    from sarl.platform.train import run_training
+
+    run_training(fault_job(fault_data, "fault-reference"))
+    return raw_history(fault_data, "fault-reference")
+
+
+def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(fault_data, uninterrupted,
+                                                                       two_node_cluster):
+    """SIGKILL of one of the two Train workers during epoch 2: Train restarts the group from epoch 1's checkpoint;
+    the raw history has each epoch once, epoch 2 started after the kill, and the metrics are the uninterrupted
+    run's (same seeds; per-rank RNG and the optimizer state come back from the checkpoint)."""
+    import signal
+    import threading
+    import time
+
+    from sarl.platform.train import history_uri, run_training, stored_job
+
+    job, outcome = fault_job(fault_data, "killed"), {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(job)), daemon=True)
+    thread.start()
+    deadline, killed_at, victim = time.monotonic() + 300, None, None
+    while killed_at is None and time.monotonic() < deadline and thread.is_alive():
+        # Epoch 1's row is written and Train has committed its checkpoint: epoch 2 is under way.
+        if (storage.exists(history_uri(job)) and [r["epoch"] for r in raw_history(fault_data, "killed")] == [1]
+                and stored_job(job) is not None):
+            victim = train_worker_pids(two_node_cluster)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.time()
+        time.sleep(0.2)
+    thread.join(timeout=600)
+    assert killed_at is not None, "epoch 1 never reached the history"
+    assert "result" in outcome, "the run did not finish after the kill"
+    rows = raw_history(fault_data, "killed")
+    assert [r["epoch"] for r in rows] == list(range(1, FAULT_EPOCHS + 1))  # as written: each epoch once
+    assert rows[0]["started_at"] < killed_at < rows[1]["started_at"]  # epoch 1 kept, epoch 2 run again
+    assert victim not in train_worker_pids(two_node_cluster)
+    for mine, reference in zip(rows, uninterrupted, strict=True):
+        assert mine["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+        assert mine["val_mAP"] == pytest.approx(reference["val_mAP"], abs=1e-2)
+    print(f"epoch seconds {[round(r['epoch_seconds'], 1) for r in rows]}; killed pid {victim} "
+          f"{killed_at - rows[0]['started_at'] - rows[0]['epoch_seconds']:.1f} s after epoch 1 ended; |d loss| "
+          f"{[abs(a['loss'] - b['loss']) for a, b in zip(rows, uninterrupted)]}, |d val mAP| "
+          f"{[abs(a['val_mAP'] - b['val_mAP']) for a, b in zip(rows, uninterrupted)]}")
+
+
+def test_the_s3_endpoint_stopped_during_a_checkpoint_upload(fault_data, s3_outage, monkeypatch):
+    """The endpoint answers the first PUT of epoch 2's train_state.pt with a 503 and is down for OUTAGE_S: the
+    upload retries past the outage and the run finishes; every checkpoint in storage is whole and loads."""
+    from moto.s3.responses import S3Response
+
+    from sarl.model.checkpoint import load_checkpoint
+    from sarl.platform.train import run_training
+
+    outage_s, puts = 6.0, []
+    original = S3Response.key_response
+
+    def failing(self, request, full_url, headers):
+        path = full_url.split("?")[0]
+        if request.method == "PUT" and "/runs/outage/checkpoint_" in path and path.endswith("/train_state.pt"):
+            puts.append(path)
+            if len(puts) == 2:  # epoch 2's: the store goes away mid-upload
+                s3_outage.for_seconds(outage_s)
+                return 503, {}, b"<Error><Code>ServiceUnavailable</Code></Error>"
+        return original(self, request, full_url, headers)
+
+    monkeypatch.setattr(S3Response, "key_response", failing)
+    result = run_training(fault_job(fault_data, "outage"))
+    assert len(s3_outage.outages) == 1 and s3_outage.outages[0][1] - s3_outage.outages[0][0] >= outage_s
+    assert [r["epoch"] for r in raw_history(fault_data, "outage")] == list(range(1, FAULT_EPOCHS + 1))
+    dirs = checkpoint_dirs(fault_data, "outage")
+    assert len(dirs) == FAULT_EPOCHS and len({frozenset(files) for files in dirs.values()}) == 1, dirs
+    for directory in dirs:
+        model = load_checkpoint(storage.local_copy(f"s3://{fault_data['bucket']}/runs/outage/{directory}"))
+        assert model.vocabulary.names == CATEGORIES
+    assert result["checkpoint"].rsplit("/", 1)[-1] in dirs
+    stopped, started = s3_outage.outages[0]
+    rows = raw_history(fault_data, "outage")
+    print(f"outage {started - stopped:.1f} s; epochs started at {[round(r['started_at'] - stopped, 1) for r in rows]} s "
+          f"from it, their checkpoint uploads took {[round(r['checkpoint_upload_s'], 1) for r in rows]} s")

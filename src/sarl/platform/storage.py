@@ -45,8 +45,11 @@ Uri = str | os.PathLike
 S3_PREFIX = "s3://"
 # Checks before a job starts fail fast on a wrong endpoint or a dead store instead of boto3's minutes of retries.
 _FAIL_FAST_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "total_max_attempts": 3})
-# Everything else (data sets, checkpoints, uploads) rides out throttling (503 SlowDown) and dropped connections.
-_TRANSFER_CONFIG = Config(connect_timeout=10, read_timeout=60, retries={"mode": "standard", "total_max_attempts": 10})
+# Everything else (data sets, checkpoints, uploads) rides out throttling (503 SlowDown) and dropped connections:
+# standard mode backs off exponentially (jittered, at most 20 s a wait), so 10 attempts span tens of seconds.
+TRANSFER_ATTEMPTS = 10
+_TRANSFER_CONFIG = Config(connect_timeout=10, read_timeout=60,
+                          retries={"mode": "standard", "total_max_attempts": TRANSFER_ATTEMPTS})
 _TRANSFER_THREADS = 8
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
@@ -621,7 +624,10 @@ def pyarrow_filesystem(uri: Uri) -> tuple[pyarrow.fs.S3FileSystem | None, str]:
 
     bucket, key = parse_s3(uri)
     endpoint = resolve_endpoint()
-    options: dict[str, Any] = {"region": bucket_region(bucket, endpoint), "connect_timeout": 5, "request_timeout": 30}
+    # As many attempts as boto3's transfers here (Arrow's default is 3): an endpoint that drops out for a few
+    # seconds mid-checkpoint is ridden out by the upload instead of failing the epoch.
+    options: dict[str, Any] = {"region": bucket_region(bucket, endpoint), "connect_timeout": 5, "request_timeout": 30,
+                               "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=TRANSFER_ATTEMPTS)}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         options.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)

@@ -63,6 +63,7 @@ from .job import JobConfig
 from .word_vectors import check_trusted, local_word_vectors
 
 JOB_FILE = "job.yaml"
+REPORT_FILE = "report.json"  # in each checkpoint: the epoch's history row, to restore a row a failure lost
 HISTORY_FILE = "history.jsonl"
 log = logging.getLogger("sarl.train")
 
@@ -232,6 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.copytree(ckpt_dir, scratch / "resume")
         shutil.copy(scratch / "resume" / MASK_FILE, scratch / MASK_FILE)  # resume with the saved mask
         train_state = load_train_state(scratch / "resume")
+    if rank == 0:  # rows of epochs whose checkpoints were never committed go: those epochs run again
+        reconcile_history(job, int(train_state["epoch"]) if train_state else 0, scratch / "resume" if resume else None)
     splits = prepare_data(job, scratch)  # the mask is drawn from its seed, identically on every worker
 
     t = job.train
@@ -302,6 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "rng": rng_states[0], "rng_per_rank": rng_states}
             save_checkpoint(bare, staging, train_state=state, extra={"epoch": epoch, "val_mAP": val["mAP"]})
             shutil.copy(scratch / MASK_FILE, staging / MASK_FILE)
+            (staging / REPORT_FILE).write_text(json.dumps(report))
             (staging / JOB_FILE).write_text(yaml.safe_dump(config["job"], sort_keys=False))  # URIs, not cache paths
             checkpoint = ray.train.Checkpoint.from_directory(staging)
             if job.run.log_every_epoch:
@@ -333,6 +337,35 @@ def append_history(job: JobConfig, report: dict[str, Any]) -> None:
     uri = history_uri(job)
     previous = storage.read_text(uri) if storage.exists(uri) else ""
     storage.write_text(uri, previous + json.dumps(report) + "\n")
+
+
+def reconcile_history(job: JobConfig, epoch: int, checkpoint_dir: Path | None) -> None:
+    """Make ``history.jsonl`` hold epochs 1..``epoch`` exactly once when a run (re)starts from the checkpoint of
+    ``epoch`` (0 and ``None``: from no checkpoint): the epochs the run is about to redo lose their rows, and the
+    checkpoint's own row comes back if the failure struck between the checkpoint's upload and the row's
+    (``report.json`` in the checkpoint).
+
+    A worker can die after an epoch's row is written but before Train commits that epoch's checkpoint (the row
+    comes after the upload, the commit after every rank reported), so a restart redoes an epoch the file has; or
+    after the commit but before the row. The file is rewritten only when it differs, and what changed is logged.
+    """
+    uri = history_uri(job)
+    rows = [json.loads(line) for line in (storage.read_text(uri) if storage.exists(uri) else "").splitlines()
+            if line.strip()]
+    kept = [row for row in rows if row["epoch"] <= epoch]
+    restored = None
+    if (checkpoint_dir is not None and not any(row["epoch"] == epoch for row in kept)
+            and (checkpoint_dir / REPORT_FILE).is_file()):
+        restored = json.loads((checkpoint_dir / REPORT_FILE).read_text())
+        kept.append(restored)
+    if kept == rows:
+        return
+    dropped = sorted({row["epoch"] for row in rows if row["epoch"] > epoch})
+    log.warning(f"[{job.run_name}] resuming after epoch {epoch}: history.jsonl "
+                + (f"drops the rows of epochs {dropped}, which are run again" if dropped else "")
+                + (" and " if dropped and restored else "")
+                + (f"gets epoch {epoch}'s row back from its checkpoint" if restored else ""))
+    storage.write_text(uri, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_history(job: JobConfig) -> list[dict[str, Any]]:

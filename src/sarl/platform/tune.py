@@ -310,7 +310,7 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
                            run_config=tune.RunConfig(name=sweep.name, storage_path=path,
                                                      storage_filesystem=filesystem))
     grid = tuner.fit()
-    return write_results(sweep, job, _trials(grid, sweep, job["train"]["epochs"]))
+    return write_results(sweep, job, _trials(grid, sweep, job["train"]["epochs"], train_storage))
 
 
 def keep_credentials_out_of_trials() -> None:
@@ -342,21 +342,37 @@ def check_driver_resources(sweep: SweepConfig) -> None:
                           f"set resources.driver_resources={{}} and resources.driver_cpus={TRIAL_DRIVER_CPUS})")
 
 
-def _trials(grid: Any, sweep: SweepConfig, max_epochs: int) -> list[dict[str, Any]]:
-    """One record per trial: parameters, per-epoch metric, best value, and how it ended."""
+def _trials(grid: Any, sweep: SweepConfig, max_epochs: int, train_storage: str | None = None) -> list[dict[str, Any]]:
+    """One record per trial: parameters, per-epoch metric, best value, and how it ended.
+
+    The per-epoch values come from the trial's Train run (``<train_storage>/<trial id>/history.jsonl``) when it
+    has one, else from what Tune recorded. They differ after an interrupted sweep: Train can commit an epoch whose
+    report never reached Tune (the trial driver was stopped in between), and the resumed trial goes on from the
+    next epoch, so Tune's table lacks that epoch while Train's history has it.
+    """
+    from .train import HISTORY_FILE, read_history_file
+
     trials = []
     for result in grid:
-        history = result.metrics_dataframe
-        curve = [] if history is None or sweep.metric not in history else history[sweep.metric].tolist()
+        tune_history = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id") or (
+            tune_history["trial_id"].iloc[-1] if tune_history is not None and "trial_id" in tune_history else None)
+        rows = read_history_file(storage.join(train_storage, trial_id, HISTORY_FILE)) if (
+            train_storage and trial_id) else []
+        if rows:
+            series = {key: [row[key] for row in rows if key in row] for key in (sweep.metric, "cache_hits",
+                                                                                 "cache_misses")}
+        else:
+            series = {key: tune_history[key].tolist() if tune_history is not None and key in tune_history else []
+                      for key in (sweep.metric, "cache_hits", "cache_misses")}
+        curve = series[sweep.metric]
         params = result.config or {}  # None for a trial that failed before it reported (its actor never ran)
         active = {k: v for k, v in params.items() if _active(sweep.space[k], params)}
         best = (max(curve) if sweep.mode == "max" else min(curve)) if curve else None
         status = ("error" if result.error else "completed" if len(curve) >= max_epochs else "stopped early")
-        trials.append({"trial_id": (result.metrics or {}).get("trial_id", Path(result.path or "?").name),
-                       "status": status,
+        trials.append({"trial_id": trial_id or Path(result.path or "?").name, "status": status,
                        "epochs": len(curve), "best": best, "curve": curve, "params": active,
-                       **{k: history[k].tolist() if history is not None and k in history else []
-                          for k in ("cache_hits", "cache_misses")},
+                       "cache_hits": series["cache_hits"], "cache_misses": series["cache_misses"],
                        "error": str(result.error) if result.error else None})
     key = (lambda t: -t["best"]) if sweep.mode == "max" else (lambda t: t["best"])
     return sorted([t for t in trials if t["best"] is not None], key=key) + [t for t in trials if t["best"] is None]

@@ -23,6 +23,7 @@ from sarl.platform.train import (
     check_resume,
     global_train_stats,
     job_differences,
+    reconcile_history,
     restore_train_state,
     rng_state,
     seed_rank,
@@ -129,6 +130,33 @@ def test_a_rerun_resumes_only_the_same_job_unless_asked(tmp_path):
     check_resume(_job(*base, "optim.lr=0.01", "run.resume=always"))  # asked to: resumes, with a warning
     with pytest.raises(ConfigError, match="run.resume=never"):
         check_resume(_job(*base, "run.resume=never"))
+
+
+def test_a_resume_leaves_each_epoch_up_to_the_checkpoints_once_in_the_history(tmp_path):
+    """Rows of epochs to be redone go; the checkpoint's own row comes back when the failure lost it."""
+    job = _job(f"run.storage_path={tmp_path}", "run.name=r")
+    history, checkpoint = tmp_path / "r" / "history.jsonl", tmp_path / "ckpt"
+    history.parent.mkdir()
+    checkpoint.mkdir()
+
+    def rows(*epochs):
+        return "".join(json.dumps({"epoch": e, "val_mAP": 10.0 * e}) + "\n" for e in epochs)
+
+    def epochs():
+        return [json.loads(line)["epoch"] for line in history.read_text().splitlines()]
+
+    history.write_text(rows(1, 2, 3))  # epoch 3's row written, its checkpoint never committed
+    reconcile_history(job, 2, checkpoint)
+    assert epochs() == [1, 2]
+    (checkpoint / "report.json").write_text(json.dumps({"epoch": 2, "val_mAP": 20.0}))
+    history.write_text(rows(1))  # epoch 2's checkpoint committed, its row lost
+    reconcile_history(job, 2, checkpoint)
+    assert epochs() == [1, 2] and json.loads(history.read_text().splitlines()[1])["val_mAP"] == 20.0
+    before = history.stat().st_mtime_ns
+    reconcile_history(job, 2, checkpoint)  # already right: not rewritten
+    assert history.stat().st_mtime_ns == before
+    reconcile_history(job, 0, None)  # a restart from no checkpoint: epoch 1's row was never committed either
+    assert history.read_text() == ""
 
 
 def test_job_differences_name_added_and_removed_keys():

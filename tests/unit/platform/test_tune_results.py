@@ -28,3 +28,20 @@ def test_a_trial_that_failed_before_it_reported_is_listed_last_with_its_error():
     assert [t["status"] for t in trials] == ["completed", "stopped early", "error"]
     assert trials[0]["params"] == {"loss.name": "an"}  # gamma_neg applies to asl only
     assert trials[2]["params"] == {} and trials[2]["best"] is None and "never ran" in trials[2]["error"]
+
+
+def test_the_curve_comes_from_the_trials_train_history_when_tune_missed_an_epoch(tmp_path):
+    """An interrupted sweep: Train committed epoch 2, whose report never reached Tune; the resumed trial went on
+    at epoch 3. Tune's table has epochs 1 and 3, the trial's history.jsonl all three."""
+    import json
+
+    sweep = from_dict(SweepConfig, {"space": {"loss.name": {"grid": ["asl"]}}})
+    tune_rows = result({"loss.name": "asl"}, [40.0, 60.0], path="sweep/run_trial_t")
+    tune_rows.metrics = {"trial_id": "t"}
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "history.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "val_mAP": v, "cache_hits": 1}) + "\n"
+                for e, v in ((1, 40.0), (2, 70.0), (3, 60.0))))
+    [trial] = _trials([tune_rows], sweep, max_epochs=3, train_storage=str(tmp_path))
+    assert trial["curve"] == [40.0, 70.0, 60.0] and trial["best"] == 70.0 and trial["status"] == "completed"
+    assert trial["cache_hits"] == [1, 1, 1]
