@@ -314,5 +314,6 @@ def test_the_s3_endpoint_stopped_during_a_checkpoint_upload(fault_data, s3_outag
     assert result["checkpoint"].rsplit("/", 1)[-1] in dirs
     stopped, started = s3_outage.outages[0]
     rows = raw_history(fault_data, "outage")
-    print(f"outage {started - stopped:.1f} s; epochs started at {[round(r['started_at'] - stopped, 1) for r in rows]} s "
-          f"from it, their checkpoint uploads took {[round(r['checkpoint_upload_s'], 1) for r in rows]} s")
+    starts = [round(r["started_at"] - stopped, 1) for r in rows]
+    uploads = [round(r["checkpoint_upload_s"], 1) for r in rows]
+    print(f"outage {started - stopped:.1f} s; epochs started at {starts} s from it, checkpoint uploads {uploads} s")
