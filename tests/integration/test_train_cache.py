@@ -15,9 +15,9 @@ SMALL = ["data.options.num_images=96", "train.batch_size=16", "train.eval_batch_
          "model.rank=16", "model.unfreeze=none", "scaling.num_workers=1", "train.epochs=1", "cache.enabled=true"]
 
 
-def job(tmp_path, name, cache_root):
+def job(tmp_path, name, cache_root, *overrides):
     return load_job("jobs/demo.yaml", [*SMALL, f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
-                                       f"cache.root={cache_root}"])
+                                       f"cache.root={cache_root}", *overrides])
 
 
 def cache_counts(result):
@@ -26,12 +26,13 @@ def cache_counts(result):
 
 
 def test_train_from_a_local_feature_cache_hits_on_the_second_run(ray_cluster, tmp_path):
+    """Two workers: they compute the entry together (a block of images each) and both hit the second time."""
     root = tmp_path / "features"
-    first = run_training(job(tmp_path, "first", root))
+    first = run_training(job(tmp_path, "first", root, "scaling.num_workers=2"))
     assert cache_counts(first) == (0, 1)  # one entry: the training split, shared by train and validation
     assert first["metrics"]["cache_misses"] == 1  # in the metrics Tune and `sarl train` see
     assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 1
-    second = run_training(job(tmp_path, "second", root))
+    second = run_training(job(tmp_path, "second", root, "scaling.num_workers=2"))
     assert cache_counts(second) == (1, 0)
     assert second["metrics"]["val_mAP"] == pytest.approx(first["metrics"]["val_mAP"], abs=1e-4)
 

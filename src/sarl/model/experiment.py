@@ -255,8 +255,9 @@ def prepare_cached(cfg: ExperimentConfig, splits: Splits, model: SARLModel, devi
     training transform is deterministic (``data.augment=none``), and carving another validation set hits.
     ``cache`` defaults to ``FeatureCache(cfg.cache.root)`` (a local path; the platform passes an S3-backed one).
 
-    Under a ``torch.distributed`` process group rank 0 resolves the entries first, the others after a barrier:
-    one process computes, the rest hit (or, on another machine with a local root, compute their own copy).
+    Under a ``torch.distributed`` process group every rank calls it: a missing entry is computed by all ranks
+    together, each encoding one block of the items (``FeatureCache.get_or_compute``), and each rank holds the
+    whole entry afterwards.
     """
     reason = cache_disabled_reason(cfg)
     if not cfg.cache.enabled or reason:
@@ -283,9 +284,6 @@ def prepare_cached(cfg: ExperimentConfig, splits: Splits, model: SARLModel, devi
     if "test" in parts:
         wanted.append(("test", splits.test, d.test_split, 1, None, splits.test.labels))
 
-    rank, dist = _rank()
-    if dist and rank != 0:
-        torch.distributed.barrier()
     entries: dict[str, tuple[Features, bool]] = {}
     result = dataclasses.replace(splits)
     for part, ds, split, v, rows, labels in wanted:
@@ -297,15 +295,8 @@ def prepare_cached(cfg: ExperimentConfig, splits: Splits, model: SARLModel, devi
                                                    num_workers=d.num_workers, progress=progress)
         features = entries[digest][0]
         setattr(result, part, FeatureDataset(features, labels, splits.categories, rows))
-    if dist and rank == 0:
-        torch.distributed.barrier()
     hits = sum(hit for _, hit in entries.values())
     return result, {"enabled": True, "hits": hits, "misses": len(entries) - hits, "reason": None}
-
-
-def _rank() -> tuple[int, bool]:
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return (torch.distributed.get_rank() if dist else 0), dist
 
 
 def make_loader(dataset: MultiLabelDataset, batch_size: int, shuffle: bool, num_workers: int,

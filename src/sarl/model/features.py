@@ -20,6 +20,12 @@ unreadable under ``on_bad_image: skip``) and ``meta.json`` (key, shapes, dtype, 
 in a temporary sibling directory and renamed into place, so a concurrent reader sees a whole entry or none.
 Arrays are memory-mapped when read. Features are computed in float32 (eval mode, no autograd).
 
+One writer per entry: the processes of a machine that miss the same entry (trials of a sweep) take turns on a
+lock file (``root/.locks/``); the first computes, the others find its entry when their turn comes. Under a
+``torch.distributed`` group the ranks compute an entry together: rank r encodes the r-th contiguous block of
+items, then the blocks are broadcast so that every rank holds (and publishes on its machine) the whole entry,
+bit for bit what one process computes. Only rank 0 takes the lock, and the group goes ahead once it holds it.
+
 Precision: float32 entries reproduce ``model(images)`` to 1e-5 on the logits (the same operations run; in
 practice bit for bit). Float16 rounds every feature with a relative error of at most 2**-11, which moves a
 cosine by about as much, so a logit ``s * cos`` moves by about ``logit_scale * 2**-11`` (1e-2 at the default
@@ -37,6 +43,8 @@ set (as an augmented epoch does), and K epochs cycle through all of them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,7 +52,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +61,7 @@ import numpy as np
 import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 log = logging.getLogger("sarl.features")
@@ -201,27 +209,61 @@ class FeatureCache:
 
         ``views``, ``seed`` and ``dtype`` are read from ``key`` (see ``cache_key``), so the entry always matches
         its name. A hit is a local entry or one the remote store had; both are logged with the digest, the
-        number of images, the size and the seconds taken.
+        number of images, the size and the seconds taken. Under a ``torch.distributed`` group every rank calls
+        it: a miss on any rank is computed by all of them, one block of items each (see the module doc), and
+        ``hit`` is the same on every rank.
         """
         start = time.perf_counter()
         digest = key_digest(key)
-        features, where = self.load(key), "local"
-        if features is None and self.remote is not None:
-            features, where = self._fetch(digest, key), "remote"
-        hit = features is not None
-        if features is None:
-            features = self._compute(model, dataset, key, digest, batch_size, device, num_workers, progress)
-            if self.remote is not None:
-                try:
-                    self.remote.push(digest, features.path)
-                except Exception as exc:  # a cache upload failing must not fail training: warn, keep the local copy
-                    log.warning("feature cache: could not store %s remotely (%s: %s); other machines will "
-                                "compute it again", digest[:16], type(exc).__name__, exc)
+        rank, world = _rank_world()
+        features, where = self._lookup(key, digest)
+        hit = _on_every_rank(features is not None, world)
+        if not hit:
+            with self._writer_lock(digest) if rank == 0 else contextlib.nullcontext():
+                if world > 1:
+                    torch.distributed.barrier()  # rank 0 holds the lock: everyone looks again
+                if features is None:
+                    features, where = self._lookup(key, digest)  # written by another process meanwhile?
+                hit = _on_every_rank(features is not None, world)
+                if not hit:
+                    features = self._compute(model, dataset, key, digest, batch_size, device, num_workers,
+                                             progress, rank, world)
+                    if self.remote is not None and rank == 0:
+                        self._push(digest, features)
         seconds = time.perf_counter() - start
-        log.info("feature cache %s%s %s: %d images x %d view(s), %.1f MB, %.2f s", "hit" if hit else "miss",
+        log.info("feature cache %s%s %s: %d images x %d view(s), %.1f MB, %.2f s%s", "hit" if hit else "miss",
                  f" ({where})" if hit else "", digest[:16], len(features), features.views,
-                 features.nbytes / 2**20, seconds)
+                 features.nbytes / 2**20, seconds, f" (rank {rank} of {world})" if world > 1 else "")
         return features, hit
+
+    def _lookup(self, key: Mapping[str, Any], digest: str) -> tuple[Features | None, str]:
+        features = self.load(key)
+        if features is None and self.remote is not None:
+            return self._fetch(digest, key), "remote"
+        return features, "local"
+
+    def _push(self, digest: str, features: Features) -> None:
+        try:
+            self.remote.push(digest, features.path)
+        except Exception as exc:  # a cache upload failing must not fail training: warn, keep the local copy
+            log.warning("feature cache: could not store %s remotely (%s: %s); other machines will "
+                        "compute it again", digest[:16], type(exc).__name__, exc)
+
+    @contextlib.contextmanager
+    def _writer_lock(self, digest: str) -> Iterator[None]:
+        """The entry's lock among the processes of this machine (``flock``; released if the holder dies)."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / digest[:32], "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("feature cache %s: another process is computing it; waiting for it", digest[:16])
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -------------------------------------------------------------------------------------------- internals
     def _staging(self, digest: str) -> Path:
@@ -258,13 +300,14 @@ class FeatureCache:
         return self.load(key)
 
     def _compute(self, model: nn.Module, dataset: Dataset, key: Mapping[str, Any], digest: str, batch_size: int,
-                 device: torch.device | str, num_workers: int, progress: bool) -> Features:
+                 device: torch.device | str, num_workers: int, progress: bool, rank: int = 0,
+                 world_size: int = 1) -> Features:
         staging = self._staging(digest)
         try:
             transform = key["transform"]
             shapes = compute_features(model, dataset, staging, views=transform["views"], seed=transform["seed"],
                                       dtype=key["dtype"], batch_size=batch_size, device=device,
-                                      num_workers=num_workers, progress=progress)
+                                      num_workers=num_workers, progress=progress, rank=rank, world_size=world_size)
             meta = {"key": json.loads(_canonical(key)), "digest": digest, **shapes, "dtype": key["dtype"],
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))  # last: marks the entry complete
@@ -302,54 +345,133 @@ def _collate_indexed(batch: list[tuple[int, Any]]) -> tuple[torch.Tensor, torch.
     return torch.tensor([i for i, _ in kept]), torch.stack([image for _, image in kept])
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _on_every_rank(flag: bool, world: int) -> bool:
+    """``flag`` and-ed over the ranks of the group (``flag`` itself without one)."""
+    if world == 1:
+        return flag
+    seen = [None] * world
+    torch.distributed.all_gather_object(seen, bool(flag))
+    return all(seen)
+
+
+EXCHANGE_CHUNK_BYTES = 64 * 2**20  # per broadcast while ranks exchange their blocks of an entry
+
+
+class _EntryArrays:
+    """The memory-mapped arrays of an entry being written, opened once the feature shapes are known."""
+
+    def __init__(self, out_dir: Path, views: int, n: int, dtype: np.dtype) -> None:
+        self.out_dir, self.views, self.n, self.dtype = out_dir, views, n, dtype
+        self.dense: np.ndarray | None = None
+        self.glob: np.ndarray | None = None
+        self.valid = np.zeros(n, dtype=bool)
+
+    @property
+    def row_shapes(self) -> tuple[list[int], list[int]] | None:
+        return None if self.dense is None else (list(self.dense.shape[2:]), list(self.glob.shape[2:]))
+
+    def open(self, dense_row: Sequence[int], glob_row: Sequence[int]) -> None:
+        if self.dense is None:
+            self.dense = np.lib.format.open_memmap(self.out_dir / "dense.npy", mode="w+", dtype=self.dtype,
+                                                   shape=(self.views, self.n, *dense_row))
+            self.glob = np.lib.format.open_memmap(self.out_dir / "global.npy", mode="w+", dtype=self.dtype,
+                                                  shape=(self.views, self.n, *glob_row))
+
+
+def _exchange(arrays: _EntryArrays, bounds: np.ndarray, rank: int, world: int, device: torch.device) -> None:
+    """Broadcast each rank's block of rows (``bounds[r]:bounds[r+1]``) to the others, as raw bytes in chunks of
+    at most ``EXCHANGE_CHUNK_BYTES`` (on the GPU under NCCL, which broadcasts only device tensors)."""
+    dist = torch.distributed
+    shapes: list[Any] = [None] * world
+    dist.all_gather_object(shapes, arrays.row_shapes)
+    known = next((s for s in shapes if s is not None), None)
+    if known is None:
+        raise ValueError("every image of the data set was unreadable; nothing to cache")
+    arrays.open(*known)
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def send(block: np.ndarray, src: int) -> np.ndarray:
+        raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        buffer = torch.from_numpy(raw.copy()) if rank == src else torch.empty(raw.size, dtype=torch.uint8)
+        buffer = buffer.to(on)
+        dist.broadcast(buffer, src)
+        return buffer.cpu().numpy().view(block.dtype).reshape(block.shape)
+
+    for src in range(world):
+        lo, hi = int(bounds[src]), int(bounds[src + 1])
+        if hi == lo:
+            continue
+        arrays.valid[lo:hi] = send(arrays.valid[lo:hi], src)
+        for array in (arrays.dense, arrays.glob):
+            rows = max(1, EXCHANGE_CHUNK_BYTES // max(1, array[0, 0].nbytes))
+            for view in range(arrays.views):
+                for a in range(lo, hi, rows):
+                    b = min(hi, a + rows)
+                    block = send(array[view, a:b], src)
+                    if rank != src:
+                        array[view, a:b] = block
+
+
 @torch.no_grad()
 def compute_features(model: nn.Module, dataset: Dataset, out_dir: str | Path, views: int = 1, seed: int = 0,
                      dtype: str = "float16", batch_size: int = 64, device: torch.device | str = "cpu",
-                     num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
+                     num_workers: int = 0, progress: bool = False, rank: int = 0,
+                     world_size: int = 1) -> dict[str, Any]:
     """Write ``dense.npy``, ``global.npy`` and ``valid.npy`` for ``dataset`` into ``out_dir``; returns the shapes.
 
     The model runs in eval mode (restored afterwards) in float32; arrays are filled batch by batch through
     memory maps, so a data set larger than memory can be cached. Items the dataset returns as ``None``
     (unreadable images it was told to skip) keep zero rows and ``valid = False``.
+
+    With ``world_size`` > 1 every rank of the ``torch.distributed`` group calls it with its own ``rank`` and
+    ``out_dir``: rank r encodes items ``[r*N//W, (r+1)*N//W)``, then the ranks exchange their blocks (``_exchange``),
+    so each ``out_dir`` ends up with the whole entry. View seeds follow the item's index in ``dataset``, so the
+    arrays are those one process computes.
     """
     out_dir, device = Path(out_dir), torch.device(device)
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot cache features of an empty data set")
-    np_dtype = np.dtype(dtype)
+    bounds = np.arange(world_size + 1) * n // world_size
+    mine = list(range(int(bounds[rank]), int(bounds[rank + 1])))
+    arrays = _EntryArrays(out_dir, views, n, np.dtype(dtype))
     was_training = model.training
     model.eval()
-    dense_arr = glob_arr = None
-    valid = np.zeros(n, dtype=bool)
     try:
         for view in range(views):
             # Its own generator: a loader draws a base seed, which must not shift the caller's global RNG
             # (a run that hits the cache must train exactly like one that missed).
-            loader = DataLoader(_SeededView(dataset, view, seed), batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers, collate_fn=_collate_indexed, generator=torch.Generator())
+            loader = DataLoader(Subset(_SeededView(dataset, view, seed), mine), batch_size=batch_size,
+                                shuffle=False, num_workers=num_workers, collate_fn=_collate_indexed,
+                                generator=torch.Generator())
             desc = f"caching features (view {view + 1}/{views})" if views > 1 else "caching features"
-            for index, images in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            for index, images in tqdm(loader, desc=desc, disable=not progress or not mine, leave=False,
+                                      dynamic_ncols=True):
                 if images is None:
                     continue
                 dense, glob = model.encode_image(images.to(device, dtype=torch.float32))
-                if dense_arr is None:
-                    dense_arr = np.lib.format.open_memmap(out_dir / "dense.npy", mode="w+", dtype=np_dtype,
-                                                          shape=(views, n, *dense.shape[1:]))
-                    glob_arr = np.lib.format.open_memmap(out_dir / "global.npy", mode="w+", dtype=np_dtype,
-                                                         shape=(views, n, *glob.shape[1:]))
+                arrays.open(dense.shape[1:], glob.shape[1:])
                 rows = index.numpy()
-                dense_arr[view, rows] = dense.float().cpu().numpy().astype(np_dtype)
-                glob_arr[view, rows] = glob.float().cpu().numpy().astype(np_dtype)
-                valid[rows] = True
+                arrays.dense[view, rows] = dense.float().cpu().numpy().astype(arrays.dtype)
+                arrays.glob[view, rows] = glob.float().cpu().numpy().astype(arrays.dtype)
+                arrays.valid[rows] = True
     finally:
         model.train(was_training)
-    if dense_arr is None:
+    if world_size > 1:
+        _exchange(arrays, bounds, rank, world_size, device)
+    if arrays.dense is None:
         raise ValueError("every image of the data set was unreadable; nothing to cache")
-    dense_arr.flush()
-    glob_arr.flush()
-    np.save(out_dir / "valid.npy", valid)
-    return {"views": views, "num_items": n, "dense_shape": list(dense_arr.shape), "global_shape": list(glob_arr.shape),
-            "num_valid": int(valid.sum())}
+    arrays.dense.flush()
+    arrays.glob.flush()
+    np.save(out_dir / "valid.npy", arrays.valid)
+    return {"views": views, "num_items": n, "dense_shape": list(arrays.dense.shape),
+            "global_shape": list(arrays.glob.shape), "num_valid": int(arrays.valid.sum())}
 
 
 # ------------------------------------------------------------------------------------------------ reading

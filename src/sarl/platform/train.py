@@ -262,8 +262,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(train_state["epoch"]) + 1
     cache_report: dict[str, int] = {}
     if job.cache.enabled:
-        # Rank 0 computes missing entries first, the others hit after a barrier (prepare_cached); the loaders
-        # are rebuilt over the features with the same lengths, so the scheduler above still fits.
+        # The ranks compute a missing entry together, a block of images each (FeatureCache.get_or_compute); the
+        # loaders are rebuilt over the features with the same lengths, so the scheduler above still fits.
         parts = ("train", "val") if splits.val is not None else ("train", "test")
         parts = (*parts, "test") if t.test_every_epoch and "test" not in parts else parts
         splits, stats = prepare_cached(job, splits, model.to(device), device, parts, feature_cache(job.cache.root))

@@ -3,6 +3,7 @@
 import json
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from sarl.model.experiment import ExperimentConfig, prepare_cached, prepare_data
 from sarl.model.features import (
     FeatureCache,
     FeatureDataset,
+    Features,
     cache_key,
     key_digest,
     view_seed,
@@ -192,7 +194,7 @@ def test_a_failed_computation_leaves_no_entry_and_no_temporary_files(tmp_path):
     key = key_for(model, ds)
     with pytest.raises(BadImageError):
         cache.get_or_compute(model, ds, key, batch_size=2)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".locks"]  # no entry, no temporary directory
     assert cache.load(key) is None
 
 
@@ -223,7 +225,8 @@ def test_concurrent_writers_publish_one_whole_entry(tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    assert [p.name for p in tmp_path.iterdir()] == [key_digest(key)]  # no temporary directories left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", key_digest(key)]  # no temporary directories
+    assert sorted(hit for _, hit in results) == [False, True, True]  # one writer; the others waited and hit
     for features, _ in results:
         assert np.array_equal(np.asarray(features.dense), np.asarray(results[0][0].dense))
 
@@ -291,3 +294,43 @@ def test_prepare_cached_keys_on_the_split_and_shares_train_with_validation(tmp_p
                                                  f"cache.root={tmp_path}", "data.val_fraction=0.5"])
     _, again = prepare_cached(other, prepare_data(other), model, parts=("train", "val"))
     assert (again["hits"], again["misses"]) == (1, 0)  # another carve of the same split hits
+
+
+def _sharded(rank, world, init, tmp, n, views):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, encoded = tiny(), []
+        encode = model.encode_image
+        model.encode_image = lambda images: (encoded.append(len(images)), encode(images))[1]
+        ds = _Failing(shapes(n=n, train=True, augment="standard"), "skip")  # item 3 unreadable, in rank 1's block
+        key = key_for(model, ds, views=views, seed=5)
+        cache = FeatureCache(Path(tmp) / f"rank{rank}")  # a machine each: nothing shared on disk
+        first = cache.get_or_compute(model, ds, key, batch_size=2)[1]
+        second = cache.get_or_compute(model, ds, key, batch_size=2)[1]
+        (Path(tmp) / f"{rank}.json").write_text(json.dumps({"hits": [first, second], "digest": key_digest(key),
+                                                                 "encoded": sum(encoded)}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("n", [7, 1])  # blocks of 3 and 4 images; one image (rank 0's block is empty)
+def test_ranks_compute_an_entry_together_and_each_holds_what_one_process_computes(tmp_path, n):
+    import torch.multiprocessing as mp
+
+    views = 2
+    mp.start_processes(_sharded, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path), n, views), nprocs=2,
+                       join=True, start_method="fork")
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["hits"] for r in results] == [[False, True]] * 2  # computed once, by both, then a hit on both
+    # Each rank encoded its own block only (x 2 views): 3, and 4 less the unreadable one; or 0 and 1.
+    assert [r["encoded"] for r in results] == ([3 * views, 3 * views] if n == 7 else [0, views])
+    model = tiny()
+    ds = _Failing(shapes(n=n, train=True, augment="standard"), "skip")
+    alone, _ = FeatureCache(tmp_path / "alone").get_or_compute(model, ds, key_for(model, ds, views=views, seed=5),
+                                                             batch_size=3)
+    for rank in range(2):
+        shared = Features.open(tmp_path / f"rank{rank}" / results[rank]["digest"])
+        assert np.array_equal(np.asarray(shared.valid), np.asarray(alone.valid))
+        assert np.array_equal(np.asarray(shared.dense), np.asarray(alone.dense))  # bit for bit
+        assert np.array_equal(np.asarray(shared.global_), np.asarray(alone.global_))
+    assert not bool(np.asarray(alone.valid)[3]) if n > 3 else bool(np.asarray(alone.valid).all())
