@@ -75,10 +75,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _protocol(args: argparse.Namespace) -> int:
-    from .platform.protocol import run_protocol
+    from .platform.protocol import merge_protocol, run_protocol
 
-    run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides, seeds=args.seeds,
-                 in_process=args.in_process)
+    if args.merge:
+        if args.overrides or args.config:
+            raise ConfigError("--merge reports runs already made; it takes no --config or key=value overrides")
+        merge_protocol(args.merge, args.output_dir)
+    else:
+        run_protocol(args.config, args.methods, args.proportions, args.output_dir, args.overrides,
+                     seeds=args.seeds, in_process=args.in_process)
     print((Path(args.output_dir) / "table.md").read_text())  # run_protocol wrote it
     print(f"written: {args.output_dir}/table.md, table.csv, map_vs_proportion.png, curves.png, runs.json")
     return 0
@@ -160,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training and mask seeds; the table gives mean and standard deviation over them")
     protocol.add_argument("--in-process", action="store_true",
                           help="train each run in this process, without Ray (small jobs; scaling is ignored)")
-    protocol.add_argument("--output-dir", default="runs/protocol")
+    protocol.add_argument("--output-dir", default="runs/protocol",
+                          help="where the table, plots and runs.json go; a rerun skips the runs it already holds")
+    protocol.add_argument("--merge", nargs="+", metavar="DIR",
+                          help="no training: one table from the runs.json of protocols run apart (seeds, machines)")
     protocol.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     protocol.set_defaults(func=_protocol)
 

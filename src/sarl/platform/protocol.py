@@ -11,17 +11,22 @@ partial-label mask at a given proportion and seed (the mask depends only on the 
 Outputs: ``table.md`` / ``table.csv`` (mean and standard deviation over seeds, methods x proportions, plus the
 average, for both selections), ``runs.json`` (every run, with its per-epoch curves), ``map_vs_proportion.png``
 and ``curves.png`` (validation mAP per epoch: whether each method's budget reached its plateau).
+
+``runs.json`` is rewritten after every run, and a protocol started again with the same output directory skips
+the runs it already holds for the same job (``job_digest``), so an interrupted protocol continues. Parts run
+apart (other seeds, methods or machines) are put together by ``merge_protocol`` (``sarl protocol --merge``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..model.config import ConfigError
+from ..model.config import ConfigError, to_dict
 from ..model.experiment import fit
 from ..plots import learning_curves, map_vs_proportion
 from .evaluate import evaluate_checkpoint
@@ -69,24 +74,99 @@ def run_protocol(config: str | None, methods: list[str], proportions: list[float
                                base)
                 job.run.name = f"{job.run_name}-{name}-p{int(round(p * 100)):02d}-s{seed}"
                 jobs[name, p, seed] = job
+    done = {(r["method"], r["proportion"], r["seed"]): r for r in read_runs(output_dir)}
     records = []
     for (name, p, seed), job in jobs.items():
+        digest = job_digest(job)
+        previous = done.get((name, p, seed))
+        if previous is not None and previous.get("job_digest") == digest:
+            log(f"== {name} at {p:.0%} known labels, seed {seed}: in {output_dir / RUNS_FILE} already")
+            records.append(previous)
+            continue
         log(f"== {name} at {p:.0%} known labels, seed {seed}: run {job.run_name}")
-        records.append({"method": name, "proportion": p, "seed": seed,
-                         **(_fit_in_process(job, output_dir) if in_process else _train_on_ray(job))})
+        records.append({"method": name, "proportion": p, "seed": seed, "job_digest": digest,
+                        **(_fit_in_process(job, output_dir) if in_process else _train_on_ray(job))})
         r = records[-1]
         log(f"   {name} p={p:.1f} seed {seed}: val mAP {r['val_mAP']:.2f} (epoch {r['best_epoch']}), test mAP "
             f"{r['test_mAP']:.2f} validation-selected, {r['test_selected_mAP']:.2f} test-selected")
-    (output_dir / "runs.json").write_text(json.dumps(records, indent=2))
+        kept = {k: v for k, v in done.items() if k not in {(x["method"], x["proportion"], x["seed"]) for x in records}}
+        write_runs(output_dir, [*kept.values(), *records])  # after every run: an interruption loses one run at most
+    summary = report(records, output_dir)
+    return {m: {p: summary["val"][m][p][0] for p in proportions} for m in [name for name, _ in parsed]}
+
+
+RUNS_FILE = "runs.json"
+
+
+def job_digest(job: JobConfig) -> str:
+    """What a run's record was computed from: the whole job (``run.*`` names and places excluded)."""
+    values = to_dict(job)
+    values.pop("run", None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_runs(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / RUNS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_runs(output_dir: Path, records: list[dict[str, Any]]) -> None:
+    tmp = output_dir / f".{RUNS_FILE}.tmp"
+    tmp.write_text(json.dumps(records, indent=2))
+    tmp.replace(output_dir / RUNS_FILE)  # whole or not at all
+
+
+def report(records: list[dict[str, Any]], output_dir: str | Path) -> dict[str, Any]:
+    """The table, ``map_vs_proportion.png`` and ``curves.png`` of ``records`` in ``output_dir``; returns the
+    summary. Methods keep their first appearance's order; proportions are sorted."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    proportions = sorted({r["proportion"] for r in records})
+    missing = [(m, p) for m in methods for p in proportions
+               if not any(r["method"] == m and r["proportion"] == p for r in records)]
+    if missing:
+        raise ConfigError("no run for " + ", ".join(f"{m} at {p:.0%}" for m, p in missing)
+                          + ": every method needs every proportion for the table")
+    seeds = {(r["method"], r["proportion"]): set() for r in records}
+    for r in records:
+        seeds[r["method"], r["proportion"]].add(r["seed"])
+    n_seeds = max(len(s) for s in seeds.values())
+    if min(len(s) for s in seeds.values()) != n_seeds:
+        thin = sorted(f"{m} at {p:.0%} ({len(s)})" for (m, p), s in seeds.items() if len(s) < n_seeds)
+        raise ConfigError(f"uneven seeds: {', '.join(thin)} against {n_seeds} elsewhere; the table's cells would "
+                          "average different numbers of runs")
     summary = summarise(records)
-    write_table(summary, proportions, output_dir, len(seeds))
-    methods_order = [name for name, _ in parsed]
+    write_table(summary, proportions, output_dir, n_seeds)
     map_vs_proportion(output_dir / "map_vs_proportion.png", proportions,
                       {f"{m} ({sel}-selected)": [summary[sel][m][p] for p in proportions]
-                       for m in methods_order for sel in SELECTIONS},
-                      title=f"Test mAP against known-label proportion ({len(seeds)} seed(s), mean ± sd)")
-    learning_curves(output_dir / "curves.png", records, proportions, methods_order)
-    return {m: {p: summary["val"][m][p][0] for p in proportions} for m in methods_order}
+                       for m in methods for sel in SELECTIONS},
+                      title=f"Test mAP against known-label proportion ({n_seeds} seed(s), mean ± sd)")
+    learning_curves(output_dir / "curves.png", records, proportions, methods)
+    return summary
+
+
+def merge_protocol(inputs: list[str | Path], output_dir: str | Path) -> dict[str, Any]:
+    """Put together the ``runs.json`` of protocols run apart (seeds, methods, machines) and report them as one.
+
+    A (method, proportion, seed) present in several inputs must come from the same job (``job_digest``), else
+    the merged table would mix recipes; the later input's record is kept.
+    """
+    merged: dict[tuple[str, float, int], dict[str, Any]] = {}
+    for directory in inputs:
+        records = read_runs(directory)
+        if not records:
+            raise ConfigError(f"{Path(directory) / RUNS_FILE} does not exist or holds no runs")
+        for r in records:
+            key = (r["method"], r["proportion"], r["seed"])
+            if key in merged and merged[key].get("job_digest") != r.get("job_digest"):
+                raise ConfigError(f"{r['method']} at {r['proportion']:.0%}, seed {r['seed']}: {directory} ran another "
+                                  "job than an earlier input (job_digest differs)")
+            merged[key] = r
+    records = sorted(merged.values(), key=lambda r: (r["seed"], r["proportion"]))  # stable: methods keep order
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_runs(Path(output_dir), records)
+    return report(records, output_dir)
 
 
 def _record(trained: dict[str, Any], tested: dict[str, Any], history: list[dict[str, Any]],

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from sarl.model.config import ConfigError
 from sarl.model.data import load_mask
-from sarl.platform.protocol import run_protocol, summarise, write_table
+from sarl.platform.protocol import merge_protocol, run_protocol, summarise, write_runs, write_table
 
 SMALL = ["data.options.num_images=96", "train.batch_size=16", "train.eval_batch_size=64", "train.progress=false",
          "model.rank=8", "train.epochs=3", "data.known_proportion=0.5"]
@@ -43,3 +44,47 @@ def test_table_gives_mean_and_sample_standard_deviation(tmp_path):
     markdown = write_table(summary, [0.1], tmp_path, n_seeds=2)
     assert "| m | 62.00 ± 2.83 | 62.00 |" in markdown and "| m | 63.00 ± 2.83 | 63.00 |" in markdown
     assert (tmp_path / "table.csv").read_text().splitlines()[1] == "val,m,62.00,62.00,2"
+
+
+def test_a_rerun_continues_and_parts_run_apart_merge_into_one_table(tmp_path):
+    one_epoch = [*SMALL, "train.epochs=1"]
+    logs: list[str] = []
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_protocol("jobs/demo.yaml", ["sarl"], [0.5], a, one_epoch, seeds=[0], in_process=True, log=logs.append)
+    [first] = json.loads((a / "runs.json").read_text())
+    logs.clear()
+    run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.5], a, one_epoch, seeds=[0], in_process=True,
+                 log=logs.append)
+    trained = [line for line in logs if line.startswith("== ") and ": run " in line]
+    assert len(trained) == 1 and "global" in trained[0]  # sarl seed 0 was in runs.json: not trained again
+    assert json.loads((a / "runs.json").read_text())[0] == first
+    run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.5], b, one_epoch, seeds=[1], in_process=True,
+                 log=lambda *_: None)
+    summary = merge_protocol([a, b], tmp_path / "all")
+    merged = json.loads((tmp_path / "all" / "runs.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in merged) == [("global", 0), ("global", 1), ("sarl", 0), ("sarl", 1)]
+    for method in ("sarl", "global"):
+        values = [r["test_mAP"] for r in merged if r["method"] == method]
+        assert summary["val"][method][0.5] == pytest.approx((np.mean(values), np.std(values, ddof=1)))
+    assert "2 seed(s)" in (tmp_path / "all" / "table.md").read_text()
+    logs.clear()  # another job under the same name is trained again, not taken from runs.json
+    run_protocol("jobs/demo.yaml", ["sarl"], [0.5], a, [*one_epoch, "optim.lr=0.01"], seeds=[0], in_process=True,
+                 log=logs.append)
+    assert any(line.startswith("== sarl") and ": run " in line for line in logs)
+
+
+def test_merging_refuses_other_jobs_for_the_same_run_and_uneven_seeds(tmp_path):
+    def record(method, seed, digest="d0"):
+        return {"method": method, "proportion": 0.5, "seed": seed, "job_digest": digest, "test_mAP": 50.0 + seed,
+                "test_selected_mAP": 51.0 + seed, "curve_val_mAP": [1.0], "curve_test_mAP": [1.0]}
+
+    for name, records in {"a": [record("sarl", 0)], "b": [record("sarl", 0, "d1")],
+                          "c": [record("sarl", 1), record("global", 0)]}.items():
+        (tmp_path / name).mkdir()
+        write_runs(tmp_path / name, records)
+    with pytest.raises(ConfigError, match="ran another job"):
+        merge_protocol([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    with pytest.raises(ConfigError, match="uneven seeds: global at 50% \\(1\\)"):
+        merge_protocol([tmp_path / "a", tmp_path / "c"], tmp_path / "out")
+    with pytest.raises(ConfigError, match="holds no runs"):
+        merge_protocol([tmp_path / "missing"], tmp_path / "out")
