@@ -97,10 +97,18 @@ def s3_data(two_node_cluster, s3_server, tmp_path_factory) -> dict[str, str]:
     rng = np.random.default_rng(0)
     glove = "".join(f"{w} " + " ".join(f"{v:.4f}" for v in rng.normal(size=8)) + "\n" for w in CATEGORIES)
     storage.write_text(f"s3://{bucket}/vectors/glove.txt", glove)
+    import torch
+
+    from sarl.model import get_model_config
+    from sarl.model.backbone import build_clip
+
+    torch.manual_seed(3)  # backbone weights of its own: a file in the bucket, as a user's fine-tuned CLIP would be
+    torch.save(build_clip(get_model_config("tiny").clip).state_dict(), tmp / "tiny-clip.pt")
+    storage.upload_file(tmp / "tiny-clip.pt", f"s3://{bucket}/weights/tiny-clip.pt")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SARL_CACHE_DIR", str(tmp / "driver-cache"))
         yield {"bucket": bucket, "root": f"s3://{bucket}/data/shapes", "vectors": f"s3://{bucket}/vectors/glove.txt",
-               "driver_cache": str(tmp / "driver-cache")}
+               "weights": f"s3://{bucket}/weights/tiny-clip.pt", "driver_cache": str(tmp / "driver-cache")}
 
 
 def s3_job(data: dict[str, str], name: str, *overrides: str):
@@ -131,17 +139,23 @@ def worker_cache_entries() -> list[str]:
 def trained(s3_data) -> dict:
     from sarl.platform.train import run_training
 
-    return run_training(s3_job(s3_data, "twonode", "scaling.num_workers=2"))
+    return run_training(s3_job(s3_data, "twonode", "scaling.num_workers=2", f"model.pretrained={s3_data['weights']}"))
 
 
 def test_training_reads_s3_data_on_the_worker_node_and_keeps_the_uris(trained, s3_data):
-    """Item 1: data set and word vectors are copied by the worker node (not the driver); job.yaml names the URIs."""
+    """Item 1: data set, word vectors and backbone weights are copied by the worker node (not the driver); job.yaml
+    and the checkpoint's model.json name the URIs, not the worker's cache paths."""
+    import json
+
     checkpoint = trained["checkpoint"]
     assert checkpoint.startswith(f"s3://{s3_data['bucket']}/runs/twonode/")
     assert [row["epoch"] for row in trained["history"]] == [1]
     stored = yaml.safe_load(storage.read_text(storage.join(checkpoint, "job.yaml")))
     assert stored["data"]["root"] == s3_data["root"] and stored["model"]["word_vectors"] == s3_data["vectors"]
-    assert {s3_data["root"], s3_data["vectors"]} <= set(worker_cache_entries())
+    assert stored["model"]["pretrained"] == s3_data["weights"]
+    model_json = json.loads(storage.read_text(storage.join(checkpoint, "model.json")))
+    assert model_json["backbone"]["pretrained"] == model_json["config"]["pretrained"] == s3_data["weights"]
+    assert {s3_data["root"], s3_data["vectors"], s3_data["weights"]} <= set(worker_cache_entries())
     assert not Path(s3_data["driver_cache"]).exists()  # the driver downloaded nothing
 
 

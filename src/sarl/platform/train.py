@@ -24,6 +24,7 @@ epoch with the same mask.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -256,6 +257,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     sampler, train_loader, val_loader, test_loader = loaders(splits, job.data.num_workers)
     model, loss_fn, optimizer, scheduler = build_components(job, splits.categories, len(train_loader), world)
+    source = config["job"]["model"].get("pretrained")
+    if isinstance(source, str) and storage.is_s3(source):  # checkpoints name the URI, not this node's cache path
+        model.config = dataclasses.replace(model.config, pretrained=source)
     start_epoch = 1
     if train_state is not None:  # on the device before the optimizer state is loaded (see restore_train_state)
         restore_train_state(model, optimizer, scheduler, scratch / "resume", train_state, device)
