@@ -42,6 +42,9 @@ HOST = "127.0.0.1"
 READY = "Ray runtime started."
 STATE_FILE = Path(os.environ.get("SARL_TWO_NODE_STATE", Path(tempfile.gettempdir()) / "sarl-two-node.json"))
 WORKER_TEMP_DIR = "/tmp/ray-worker"  # inside the worker's private /tmp
+# `ray start` waits a fixed 30 s for its raylet to register with the GCS and exits when a loaded machine (a test
+# suite on 2 cores) takes longer: the node is started again.
+START_ATTEMPTS = 3
 # The driver's copies would hide the worker's own; the nodes find the cluster by its address, not these.
 _DROPPED_ENV = ("RAY_ADDRESS", "SARL_CACHE_DIR", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -127,12 +130,20 @@ def start(worker_cpus: int = 2, env: dict[str, str] | None = None, timeout: floa
         for name, argv in (("head", head),
                            ("worker", ["unshare", "--mount", "--propagation", "private", "sh", "-c", private, "sh",
                                        *worker])):
-            log = base / f"{name}.log"
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=node_env, start_new_session=True)
-            cluster.pids[name] = proc.pid
-            _wait_started(name, proc, log, timeout)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                log = base / f"{name}.log"
+                with open(log, "wb") as out:
+                    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=node_env, start_new_session=True)
+                cluster.pids[name] = proc.pid
+                try:
+                    _wait_started(name, proc, log, timeout)
+                    break
+                except RuntimeError:  # `ray start` gave up: it allows a raylet 30 s to register, fixed
+                    if attempt == START_ATTEMPTS:
+                        raise
+                    _stop_node(cluster, name)
+                    log.rename(base / f"{name}.attempt{attempt}.log")
     except BaseException:
         stop(cluster)
         raise
@@ -183,25 +194,30 @@ def _signal(pids: list[int], groups: list[int], sig: int) -> None:
             pass
 
 
+def _stop_node(cluster: TwoNodeCluster, name: str, grace: float = 5) -> None:
+    """End one node's `ray start` group and every descendant of it, by pid (SIGTERM, then SIGKILL)."""
+    leader = cluster.pids.pop(name, None)
+    if leader is None:
+        return
+    pids = [leader, *_descendants(leader)]  # before any dies: their children are reparented then
+    _signal(pids, [leader], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    survivors = [p for p in pids if _alive(p)]
+    if survivors:
+        _signal(survivors, [], signal.SIGKILL)
+    try:
+        os.waitpid(leader, os.WNOHANG)  # reap it when this process is its parent (the fixture)
+    except ChildProcessError:
+        pass
+
+
 def stop(cluster: TwoNodeCluster, grace: float = 5) -> None:
     """End the worker node, then the head: each `ray start` group and every descendant of it, by pid (SIGTERM,
     then SIGKILL for what is left after ``grace`` seconds: the head's GCS lingers for longer)."""
     for name in ("worker", "head"):
-        leader = cluster.pids.get(name)
-        if leader is None:
-            continue
-        pids = [leader, *_descendants(leader)]  # before any dies: their children are reparented then
-        _signal(pids, [leader], signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        survivors = [p for p in pids if _alive(p)]
-        if survivors:
-            _signal(survivors, [], signal.SIGKILL)
-        try:
-            os.waitpid(leader, os.WNOHANG)  # reap it when this process is its parent (the fixture)
-        except ChildProcessError:
-            pass
+        _stop_node(cluster, name, grace)
     shutil.rmtree(cluster.base_dir, ignore_errors=True)
 
 
