@@ -99,15 +99,17 @@ def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epoc
     assert len(result["trials"]) == 4 and all(t["error"] is None for t in result["trials"]), result["trials"]
     for name in finished:  # not rerun: the same rows, no more
         assert after[name] == before[name]
-    for name, text in after.items():  # what Tune recorded: no epoch twice, in order, stopped only at a rung
-        epochs = _epochs(text)  # may lack an epoch Train committed just before the Ctrl-C (tune._trials)
-        assert epochs[0] == 1 and epochs == sorted(set(epochs)), (name, epochs)
-        assert epochs[-1] in (1, 3), (name, epochs)  # rung 1, or the last epoch (rung 3 = max_t)
     train_runs = {h.parent.name: h for h in (experiment / "train").glob("*/history.jsonl")}
     assert len(train_runs) == 4
+    tune_epochs = {"_".join(name.split("_")[2:4]): _epochs(text) for name, text in after.items()}  # by trial id
     for trial in result["trials"]:  # each trial's Train run wrote each epoch once; the results show them all
         epochs = [json.loads(line)["epoch"] for line in train_runs[trial["trial_id"]].read_text().splitlines()]
         assert epochs == list(range(1, len(epochs) + 1)) and len(trial["curve"]) == len(epochs), (trial, epochs)
+        assert epochs[-1] in (1, 3), (trial, epochs)  # stopped only at a rung: epoch 1, or max_t = 3
+        # What Tune recorded: no epoch twice, in order. It can lack the epochs Train committed just before the
+        # Ctrl-C, whose reports never reached Tune (a resumed trial goes on after them): tune._trials.
+        seen = tune_epochs[trial["trial_id"]]
+        assert seen == epochs[:len(seen)], (trial["trial_id"], seen, epochs)
 
 
 def test_sweep_with_storage_and_feature_cache_in_s3(ray_cluster, s3_bucket, tmp_path, capfd):
