@@ -106,10 +106,11 @@ def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epoc
         epochs = [json.loads(line)["epoch"] for line in train_runs[trial["trial_id"]].read_text().splitlines()]
         assert epochs == list(range(1, len(epochs) + 1)) and len(trial["curve"]) == len(epochs), (trial, epochs)
         assert epochs[-1] in (1, 3), (trial, epochs)  # stopped only at a rung: epoch 1, or max_t = 3
-        # What Tune recorded: no epoch twice, in order. It can lack the epochs Train committed just before the
-        # Ctrl-C, whose reports never reached Tune (a resumed trial goes on after them): tune._trials.
+        # What Tune recorded: no epoch twice, in order, none Train did not write. It can lack an epoch Train
+        # committed just before the Ctrl-C, whose report never reached Tune (the resumed trial goes on after it,
+        # e.g. [1, 3]): tune._trials takes the curves from the Train histories.
         seen = tune_epochs[trial["trial_id"]]
-        assert seen == epochs[:len(seen)], (trial["trial_id"], seen, epochs)
+        assert seen == sorted(set(seen)) and set(seen) <= set(epochs), (trial["trial_id"], seen, epochs)
 
 
 def test_sweep_with_storage_and_feature_cache_in_s3(ray_cluster, s3_bucket, tmp_path, capfd):
