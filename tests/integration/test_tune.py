@@ -65,7 +65,7 @@ def _epochs(progress_csv: str) -> list[int]:
 
 def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epochs(ray_cluster, tmp_path):
     """Ctrl-C once the first trial finished and the second reported its first epoch (ASHA's first rung), then the
-    same sweep again. ASHA (grace 1, reduction 3, 3 epochs: rungs at epochs 1 and 3) decides on the reported
+    same sweep again. ASHA (grace 1, reduction 3, 3 epochs: a rung at epoch 1, max_t 3) decides on the reported
     epoch: a resumed trial continues at epoch k+1 while its Tune iteration starts at 1 again."""
     import ray
 
@@ -105,12 +105,14 @@ def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epoc
     for trial in result["trials"]:  # each trial's Train run wrote each epoch once; the results show them all
         epochs = [json.loads(line)["epoch"] for line in train_runs[trial["trial_id"]].read_text().splitlines()]
         assert epochs == list(range(1, len(epochs) + 1)) and len(trial["curve"]) == len(epochs), (trial, epochs)
-        assert epochs[-1] in (1, 3), (trial, epochs)  # stopped only at a rung: epoch 1, or max_t = 3
         # What Tune recorded: no epoch twice, in order, none Train did not write. It can lack an epoch Train
         # committed just before the Ctrl-C, whose report never reached Tune (the resumed trial goes on after it,
         # e.g. [1, 3]): tune._trials takes the curves from the Train histories.
         seen = tune_epochs[trial["trial_id"]]
         assert seen == sorted(set(seen)) and set(seen) <= set(epochs), (trial["trial_id"], seen, epochs)
+        if epochs[-1] < 3:  # stopped by ASHA, which decides at its rung, epoch 1. The report reaches Tune through
+            # a queue Train does not wait on, so Train can finish more epochs before the stop lands (seen: [1, 2]).
+            assert trial["status"] == "stopped early" and seen[-1] == 1, (trial, seen, epochs)
 
 
 def test_sweep_with_storage_and_feature_cache_in_s3(ray_cluster, s3_bucket, tmp_path, capfd):

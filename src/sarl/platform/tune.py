@@ -348,7 +348,9 @@ def _trials(grid: Any, sweep: SweepConfig, max_epochs: int, train_storage: str |
     The per-epoch values come from the trial's Train run (``<train_storage>/<trial id>/history.jsonl``) when it
     has one, else from what Tune recorded. They differ after an interrupted sweep: Train can commit an epoch whose
     report never reached Tune (the trial driver was stopped in between), and the resumed trial goes on from the
-    next epoch, so Tune's table lacks that epoch while Train's history has it.
+    next epoch, so Tune's table lacks that epoch while Train's history has it. And a trial ASHA stopped at a rung
+    can hold more epochs than the rung: ``TuneReportCallback`` puts each report on a queue Train does not wait on,
+    so Train goes on with the next epoch while Tune decides; the record keeps what was trained.
     """
     from .train import HISTORY_FILE, read_history_file
 
