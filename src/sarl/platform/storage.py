@@ -162,13 +162,16 @@ def exists(uri: Uri) -> bool:
     return listing.get("KeyCount", 0) > 0
 
 
-def read_bytes(uri: Uri) -> bytes:
-    """The whole content of the file at ``uri``; ``FileNotFoundError`` if there is none."""
+def read_bytes(uri: Uri, fail_fast: bool = False) -> bytes:
+    """The whole content of the file at ``uri``; ``FileNotFoundError`` if there is none.
+
+    ``fail_fast``: on S3, short timeouts and 3 attempts (a poller that retries on its own schedule).
+    """
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = parse_s3(uri)
     try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return s3_client(fail_fast=fail_fast).get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as error:
         if _is_missing(error):
             raise FileNotFoundError(str(uri)) from error
@@ -185,9 +188,9 @@ def write_bytes(uri: Uri, data: bytes) -> None:
     s3_client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def read_text(uri: Uri, encoding: str = "utf-8") -> str:
-    """The file at ``uri`` decoded as text."""
-    return read_bytes(uri).decode(encoding)
+def read_text(uri: Uri, encoding: str = "utf-8", fail_fast: bool = False) -> str:
+    """The file at ``uri`` decoded as text (``fail_fast``: see :func:`read_bytes`)."""
+    return read_bytes(uri, fail_fast=fail_fast).decode(encoding)
 
 
 def write_text(uri: Uri, text: str, encoding: str = "utf-8") -> None:

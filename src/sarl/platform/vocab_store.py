@@ -125,8 +125,9 @@ class VocabStore:
     create-if-absent here); pushes are rare, human-driven events.
     """
 
-    def __init__(self, uri: str | os.PathLike) -> None:
+    def __init__(self, uri: str | os.PathLike, fail_fast: bool = False) -> None:
         self.uri = str(uri).rstrip("/") if storage.is_s3(uri) else str(uri)
+        self.fail_fast = fail_fast  # reads on S3 give up in seconds (Serve's watcher retries on its own schedule)
 
     def _version_uri(self, version: str) -> str:
         return storage.join(self.uri, _VERSIONS, f"{check_version(version)}.json")
@@ -135,7 +136,7 @@ class VocabStore:
         """The content of ``CURRENT.json`` (version, updated_at, fingerprint); None before the first push."""
         uri = storage.join(self.uri, _POINTER)
         try:
-            text = storage.read_text(uri)
+            text = storage.read_text(uri, fail_fast=self.fail_fast)
         except FileNotFoundError:
             return None
         try:
@@ -163,7 +164,7 @@ class VocabStore:
     def _read(self, version: str) -> Any:
         uri = self._version_uri(version)
         try:
-            text = storage.read_text(uri)
+            text = storage.read_text(uri, fail_fast=self.fail_fast)
         except FileNotFoundError:
             raise self._unknown(version) from None
         return _parse(text, "json", uri)
