@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from sarl.model.checkpoint import checkpoint_digest
 from sarl.model.config import ConfigError
+from sarl.platform import storage
 from sarl.platform.evaluate import evaluate_checkpoint
 from sarl.platform.job import load_job
 from sarl.platform.train import run_training
@@ -40,6 +43,10 @@ def test_train_on_local_storage_and_evaluate(ray_cluster, tmp_path):
     assert epochs_reported(result) == [1, 2, 3]  # every epoch, though only the best checkpoint is kept
     best = result["metrics"]
     assert best["val_mAP"] == max(row["val_mAP"] for row in result["history"])
+    alias = json.loads(Path(result["aliases"]["best"]).read_text())  # what a Serve config points at
+    assert result["aliases"]["best"] == str(tmp_path / "runs" / "local" / "aliases" / "best.json")
+    assert alias["checkpoint"] == result["checkpoint"] and alias["model_id"] == f"local:epoch-{best['epoch']}"
+    assert alias["digest"] == checkpoint_digest(result["checkpoint"])
     one = evaluate_checkpoint(result["checkpoint"], "val", output_dir=tmp_path / "eval")
     assert one["mAP"] == pytest.approx(best["val_mAP"], abs=1e-3)
     assert (tmp_path / "eval" / "per_class_ap.png").stat().st_size > 0
@@ -50,8 +57,12 @@ def test_train_on_local_storage_and_evaluate(ray_cluster, tmp_path):
 
 
 def test_train_with_checkpoints_in_s3(ray_cluster, s3_bucket, tmp_path):
-    result = run_training(job(f"s3://{s3_bucket}/runs", "s3run"))
+    result = run_training(job(f"s3://{s3_bucket}/runs", "s3run", "run.alias=candidate"))
     assert result["checkpoint"].startswith(f"s3://{s3_bucket}/runs/s3run/")
+    assert set(result["aliases"]) == {"best", "candidate"}
+    for name, uri in result["aliases"].items():
+        assert uri == f"s3://{s3_bucket}/runs/s3run/aliases/{name}.json"
+        assert json.loads(storage.read_text(uri))["checkpoint"] == result["checkpoint"]
     assert epochs_reported(result) == [1, 2]
     evaluated = evaluate_checkpoint(result["checkpoint"], "val")
     assert evaluated["mAP"] == pytest.approx(result["metrics"]["val_mAP"], abs=1e-3)

@@ -231,6 +231,21 @@ def _check_digest(found: str, backbone: dict[str, Any], source: str | None, wher
             f"self-contained export of the checkpoint")
 
 
+IDENTITY_FILES = (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE)  # what a served model is; train_state.pt is not
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """``sha256:<hex>`` over the files that make the model (names and bytes of model.json, vocabulary.json and
+    weights.pt): equal for two copies of one checkpoint, different for any other model."""
+    h = hashlib.sha256()
+    for name in IDENTITY_FILES:
+        h.update(f"{name}\n".encode())
+        with open(Path(directory) / name, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", pretrained: str | None = None,
                     resolve: Callable[[str], str | os.PathLike] | None = None) -> SARLModel:
     """Rebuild the model of a checkpoint on ``map_location`` (returned there).

@@ -8,6 +8,7 @@ sections: ``scaling`` (workers and their resources) and ``run`` (storage, failur
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ class RunSection:
     # ``async``: rank 0 uploads each epoch's checkpoint in the background while the next epoch trains (Train V2's
     # CheckpointUploadMode.ASYNC); ``sync``: every rank waits in ray.train.report until the upload is done.
     checkpoint_upload: str = field("async", choices=("async", "sync"))
+    # After the run, its best checkpoint is published as alias ``best`` (<storage_path>/<name>/aliases/best.json,
+    # what a Serve config points at) and under this name too when set (e.g. ``candidate``; see platform/aliases.py).
+    alias: str | None = field(None, check=(lambda v: v is None or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", v)
+                                                                   is not None and v != "best"),
+                                           "must be letters, digits, '-' or '_' (and not 'best', always published)"))
 
 
 @dataclasses.dataclass

@@ -418,7 +418,7 @@ def checkpoint_uri(job: JobConfig, checkpoint: ray.train.Checkpoint) -> str:
 
 # Job fields a rerun may change and still resume the run: how it runs, not what it trains.
 RESUME_IGNORED = ("name", "address", "run.name", "run.storage_path", "run.max_failures", "run.keep_checkpoints",
-                  "run.fail_once_at_epoch", "run.log_every_epoch", "run.resume", "run.checkpoint_upload",
+                  "run.fail_once_at_epoch", "run.log_every_epoch", "run.resume", "run.checkpoint_upload", "run.alias",
                   "train.progress", "data.num_workers", "scaling.torch_threads")
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Train V2's record of a run's checkpoints
 
@@ -592,5 +592,18 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     if not best:
         raise RuntimeError(f"run {job.run_name} reported no checkpoint")
     checkpoint, metrics = best[-1]
-    return {"checkpoint": checkpoint_uri(job, checkpoint), "metrics": metrics, "history": read_history(job),
+    uri = checkpoint_uri(job, checkpoint)
+    return {"checkpoint": uri, "metrics": metrics, "history": read_history(job),
+            "aliases": publish_aliases(job, uri, metrics),
             "latest_checkpoint": checkpoint_uri(job, result.checkpoint) if result.checkpoint else None}
+
+
+def publish_aliases(job: JobConfig, checkpoint: str, metrics: dict[str, Any]) -> dict[str, str]:
+    """Point the run's ``best`` alias (and ``run.alias``) at its best checkpoint; {name: alias file URI}."""
+    from .aliases import publish_alias
+
+    run = storage.join(job.run.storage_path, job.run_name)
+    model_id = f"{job.run_name}:epoch-{metrics.get('epoch')}" if "epoch" in metrics else job.run_name
+    kept = {k: metrics[k] for k in ("epoch", "val_mAP", "val_CF1", "val_OF1") if k in metrics}
+    names = ["best", *([job.run.alias] if job.run.alias else [])]
+    return {name: publish_alias(run, name, checkpoint, model_id, kept) for name in names}

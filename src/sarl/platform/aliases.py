@@ -1,0 +1,110 @@
+"""Named aliases of checkpoints: what a Serve config points at, and what training moves.
+
+An alias is a small JSON file beside the run, ``<storage_path>/<run>/aliases/<name>.json``::
+
+    {"alias": "best", "checkpoint": "s3://bucket/runs/voc-rn101/checkpoint_...", "model_id": "voc-rn101:epoch-12",
+     "digest": "sha256:...", "metrics": {"val_mAP": 91.2}, "published_at": "2026-12-01T12:00:00Z"}
+
+``sarl train`` publishes ``best`` (and ``run.alias``, when the job names one) after a run. A Serve config's
+``checkpoint`` may be a checkpoint directory or an alias file; a replica resolves the alias when it starts, and
+refuses a checkpoint whose digest is not the one published. Serve rebuilds replicas only when the config
+changes, so a rollout is ``sarl serve --config ...`` (which resolves the alias into the deployed arguments, so
+a moved alias is a changed config and Serve rolls the replicas over) or an edit of the config's ``checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..model.checkpoint import MODEL_FILE, checkpoint_digest
+from . import storage
+
+ALIAS_DIR = "aliases"
+
+
+class AliasError(ValueError):
+    """An alias file that cannot be used: unreadable, missing fields, or a checkpoint that is not the published one."""
+
+
+def alias_uri(run_uri: str, name: str) -> str:
+    return storage.join(run_uri, ALIAS_DIR, f"{name}.json")
+
+
+def is_alias(uri: str) -> bool:
+    return str(uri).endswith(".json")
+
+
+def publish_alias(run_uri: str, name: str, checkpoint: str, model_id: str,
+                  metrics: dict[str, Any] | None = None) -> str:
+    """Point alias ``name`` of the run at ``run_uri`` to ``checkpoint``; returns the alias file's URI."""
+    digest = checkpoint_digest(storage.local_copy(checkpoint))
+    record = {"alias": name, "checkpoint": checkpoint, "model_id": model_id, "digest": digest,
+              "metrics": metrics or {},
+              "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
+    uri = alias_uri(run_uri, name)
+    storage.write_text(uri, json.dumps(record, indent=2) + "\n")  # atomic: a replica never reads half of it
+    return uri
+
+
+def read_alias(uri: str) -> dict[str, Any]:
+    try:
+        record = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise AliasError(f"no alias at {uri}") from None
+    except json.JSONDecodeError as e:
+        raise AliasError(f"{uri} is not valid JSON: {e}") from None
+    missing = [k for k in ("checkpoint", "model_id", "digest") if not isinstance(record.get(k), str)]
+    if missing:
+        raise AliasError(f"{uri} lacks {', '.join(missing)}")
+    return record
+
+
+@dataclass(frozen=True)
+class ServedCheckpoint:
+    """A checkpoint as a replica serves it: where it came from, its local copy, and its identity."""
+
+    uri: str  # the checkpoint directory (an alias resolved)
+    local: Path
+    model_id: str
+    digest: str
+    alias: str | None = None  # the alias file it was resolved from
+
+
+def resolve(uri: str) -> tuple[str, dict[str, Any] | None]:
+    """``(checkpoint URI, alias record or None)`` for a checkpoint directory or an alias file."""
+    if not is_alias(uri):
+        return uri, None
+    record = read_alias(uri)
+    return record["checkpoint"], record
+
+
+def served_checkpoint(uri: str, resolved: dict[str, Any] | None = None) -> ServedCheckpoint:
+    """Resolve, copy (``s3://``) and identify the checkpoint at ``uri`` (a directory or an alias file).
+
+    ``resolved``: the alias record read when the app was built (``checkpoint``, ``digest``, ``model_id``), used
+    instead of reading the alias again.
+    """
+    checkpoint, record = (resolved["checkpoint"], resolved) if resolved else resolve(uri)
+    local = storage.local_copy(checkpoint)
+    digest = checkpoint_digest(local)
+    if record is not None:
+        if record["digest"] != digest:
+            raise AliasError(f"alias {uri} names {checkpoint} with digest {record['digest']}, but its files have "
+                             f"{digest}: the checkpoint changed after the alias was published")
+        return ServedCheckpoint(checkpoint, local, record["model_id"], digest, uri)
+    return ServedCheckpoint(checkpoint, local, default_model_id(local, checkpoint), digest)
+
+
+def default_model_id(local: Path, uri: str) -> str:
+    """``<directory name>[:epoch-<k>]`` of a checkpoint not served through an alias."""
+    extra = json.loads((local / MODEL_FILE).read_text()).get("extra") or {}
+    name = Path(str(uri).rstrip("/")).name
+    return f"{name}:epoch-{extra['epoch']}" if "epoch" in extra else name
+
+
+__all__ = ["ALIAS_DIR", "AliasError", "ServedCheckpoint", "alias_uri", "default_model_id", "is_alias",
+           "publish_alias", "read_alias", "resolve", "served_checkpoint"]
