@@ -23,6 +23,7 @@ carries it. Swap latency is push to first response with that version (it include
 
     python bench/serve.py [--quick] [--duration S] [--concurrency 1 8 32] [--model rn50|tiny]
     python bench/serve.py --model tiny --quick          # smoke run, about 2 minutes; the full run about 7
+    python bench/serve.py --device cuda --cpus 16       # on a GPU machine: the targets are judged there
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ MODES = {
 }
 TARGETS = (("serve", "raw", 0.8), ("serve", "plain", 1.5))  # (2) >= 0.8x (1), (2) >= 1.5x (4), at concurrency 32
 _T0 = time.perf_counter()
+DEVICE = torch.device("cpu")  # --device
 
 
 def _terminated(signum: int, _frame) -> None:
@@ -223,8 +225,8 @@ def raw_cell(model, bound, transform, images: list[bytes], batch: int, warmup: f
     def step() -> float:
         nonlocal k
         start = time.perf_counter()
-        x = torch.stack([transform(decode_image(images[(k + j) % len(images)], MAX_PIXELS)) for j in range(batch)])
-        bound.score(model, x)
+        x = [transform(decode_image(images[(k + j) % len(images)], MAX_PIXELS)) for j in range(batch)]
+        bound.score_list(model, x, DEVICE)  # what a replica runs: stack, copy, forward (bf16 on CUDA), copy back
         k += batch
         return time.perf_counter() - start
 
@@ -324,20 +326,20 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None)
 
 
 # ------------------------------------------------------------------------------------------------ (4) plain
-def plain_server(port: int, checkpoint: str, threads: int) -> None:
+def plain_server(port: int, checkpoint: str, threads: int, device: str) -> None:
     """A single-process FastAPI app: one forward per request, the forward in the threadpool (``--plain-server``)."""
     import uvicorn
     from fastapi.concurrency import run_in_threadpool
 
     torch.set_num_threads(threads)
-    model = load_checkpoint(checkpoint).eval()
+    model = load_checkpoint(checkpoint, map_location=device).eval()
     bound = bind_vocabulary(model, model.vocabulary)
     cfg = model.config
     transform = build_transforms(cfg.image_size, cfg.mean, cfg.std, train=False)
     categories = bound.vocabulary.categories
 
     def predict_one(data: bytes) -> dict:
-        probs = bound.score(model, transform(decode_image(data, MAX_PIXELS))[None])[0].tolist()
+        probs = bound.score_list(model, [transform(decode_image(data, MAX_PIXELS))], torch.device(device))[0]
         rows = sorted(zip(probs, categories), key=lambda r: -r[0])
         return {"vocabulary_version": bound.version, "scores": {c.name: round(p, 6) for p, c in rows},
                 "labels": [{"name": c.name, "score": round(p, 6), "threshold": c.threshold}
@@ -361,7 +363,7 @@ def start_plain(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port), str(checkpoint),
-                                "--cpus", str(threads)], env=env, stdout=subprocess.DEVNULL)
+                                "--cpus", str(threads), "--device", DEVICE.type], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz", 180, process)
@@ -386,10 +388,10 @@ def deploy_serve(checkpoint: Path, store: Path, port: int, cpus: int, user_confi
     from sarl.platform.serve import ServeConfig, deploy
 
     options = {"num_replicas": 1, "autoscaling_config": None, "max_ongoing_requests": 64,
-               "ray_actor_options": {"num_cpus": cpus,
+               "ray_actor_options": {"num_cpus": cpus, "num_gpus": 1 if DEVICE.type == "cuda" else 0,
                                      "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cpus)}}},
                "user_config": user_config}
-    url = deploy({"checkpoint": str(checkpoint), "vocab_store": str(store)},
+    url = deploy({"checkpoint": str(checkpoint), "vocab_store": str(store), "device": DEVICE.type},
                  ServeConfig({"host": "127.0.0.1", "port": port}, {}, options, name=APP, route_prefix="/"))
     wait_http(f"{url}/readyz", 180)
     return url
@@ -585,10 +587,14 @@ def main() -> None:
                         help="measure a cell again, up to this many times, when another job used the CPUs meanwhile")
     parser.add_argument("--quiet-timeout", type=float, default=300, help="longest wait for other jobs to go quiet")
     parser.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "serve", "serve1", "reload"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: every mode on one GPU (the Serve replica asks for it), bf16 autocast")
     parser.add_argument("--plain-server", nargs=2, metavar=("PORT", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.plain_server:
-        plain_server(int(args.plain_server[0]), args.plain_server[1], args.cpus)
+        plain_server(int(args.plain_server[0]), args.plain_server[1], args.cpus, args.device)
         return
     args.duration = args.duration or (3.0 if args.quick else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 5.0)
@@ -616,6 +622,7 @@ def main() -> None:
         log(machine[0])
         log(machine[1])
 
+        model = model.to(DEVICE)
         if "raw" not in args.skip:
             bound = bind_vocabulary(model, vocabulary(1))
             measure_cells(args, results["raw"], "raw",
@@ -632,7 +639,7 @@ def main() -> None:
         if not {"serve", "serve1", "reload"} <= set(args.skip):
             from sarl.platform.train import init_ray
 
-            init_ray(num_cpus=args.cpus, dashboard=False)
+            init_ray(num_cpus=args.cpus, dashboard=False)  # GPUs: detected by Ray
             ray_started = True
             signal.signal(signal.SIGTERM, _terminated)  # Ray's driver installs its own handler, which aborts
             port = free_port()

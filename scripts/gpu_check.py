@@ -1,4 +1,5 @@
-"""The GPU checks behind scripts/gpu_check.sh: logits CPU vs GPU, serving and cached features on the GPU, a
+"""The GPU checks behind scripts/gpu_check.sh: logits CPU vs GPU, serving and cached features on the GPU, a Serve
+replica on a GPU (scores over HTTP against the CPU), a
 2-worker run killed once and resumed on the GPU, evaluation on GPU workers, and Ray Train smoke tests with
 images/s.
 
@@ -60,7 +61,7 @@ def serving_and_cache_match(device: str = "cuda") -> bool:
     cpu = bind_vocabulary(model, served).score(model, images)
     model = model.to(device)
     model._text_cache = None
-    gpu = bind_vocabulary(model, served).score(model, images.to(device)).cpu()
+    gpu = bind_vocabulary(model, served).score(model, images.to(device), autocast=False).cpu()  # fp32 vs fp32
     serve_err = (cpu - gpu).abs().max().item()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = [(img, torch.zeros(len(CATEGORIES))) for img in images]
@@ -73,6 +74,78 @@ def serving_and_cache_match(device: str = "cuda") -> bool:
     print(f"rn50  served probabilities |cpu - {device}| {serve_err:.2e}; logits cached vs full on {device} "
           f"{cache_err:.2e}  "
           f"{'OK' if ok else 'FAIL'}")
+    return ok
+
+
+def served_replica(gpu: bool = True) -> bool:
+    """The GPU replica path: a Serve app with ``sarl serve --gpus 1``'s settings on a local cluster, its scores over
+    HTTP (bf16 autocast on CUDA, fp32 cosines) against the same checkpoint on the CPU; then ``/readyz``. Also
+    rn50 (224 px) through ``load_checkpoint(map_location=cuda)`` and ``score_list``, as a replica scores.
+    """
+    import io
+
+    import numpy as np
+    import ray
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from sarl.model import Category, Vocabulary
+    from sarl.model.checkpoint import load_checkpoint, save_checkpoint
+    from sarl.model.data.transforms import build_transforms
+    from sarl.model.serving import bind_vocabulary
+    from sarl.platform.serve import ServeConfig, deploy, with_gpus
+    from sarl.platform.serve_io import decode_image
+
+    device = "cuda" if gpu else "cpu"
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        vocabulary = Vocabulary([Category(n) for n in CATEGORIES], version="gpu-check")
+        for name, pretrained in (("tiny", None), ("rn50", None)):
+            model = create_model(name, vocabulary, pretrained=pretrained, semantic_source="clip").eval()
+            directory = save_checkpoint(model, Path(tmp) / name)
+            size = model.config.image_size
+            transform = build_transforms(size, model.config.mean, model.config.std, train=False)
+            rng = np.random.default_rng(0)
+            photos = []
+            for _ in range(8):
+                out = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size + 17, size + 31, 3), dtype=np.uint8)).save(out, "PNG")
+                photos.append(out.getvalue())
+            tensors = [transform(decode_image(p, 10**8)) for p in photos]
+            cpu = torch.tensor(bind_vocabulary(model, vocabulary).score_list(model, tensors, torch.device("cpu")))
+            loaded = load_checkpoint(directory, map_location=device).eval()
+            on_device = torch.tensor(bind_vocabulary(loaded, vocabulary).score_list(loaded, tensors,
+                                                                                     torch.device(device)))
+            err = (cpu - on_device).abs().max().item()
+            placed = {p.device.type for p in loaded.parameters()} == {device}
+            good = placed and err < 2e-2
+            print(f"{name:<5} replica scoring (load_checkpoint map_location={device}, bf16 autocast): parameters on "
+                  f"{device} {placed}, |cpu - {device}| {err:.2e}  {'OK' if good else 'FAIL'}")
+            ok &= good
+            if name != "tiny":
+                continue
+            ray.init(num_cpus=4, num_gpus=1 if gpu else 0, include_dashboard=False)
+            try:
+                config = with_gpus(ServeConfig({"host": "127.0.0.1", "port": 8123}, {}, {
+                    "num_replicas": 1, "autoscaling_config": None}), 1 if gpu else 0)
+                url = deploy({"checkpoint": str(directory), **config.args}, config)
+                started = time.perf_counter()
+                served = torch.tensor([[requests.post(f"{url}/v1/predict", data=p, params={"threshold": 0.0},
+                                                      headers={"Content-Type": "image/png"}, timeout=60)
+                                        .json()["scores"][c] for c in CATEGORIES] for p in photos])
+                elapsed = time.perf_counter() - started
+                ready = requests.get(f"{url}/readyz", timeout=30).json()
+                err = (served - cpu).abs().max().item()
+                good = err < 2e-2 and ready.get("status") == "ready"
+                print(f"tiny  served over HTTP by a replica with {1 if gpu else 0} GPU: |served - cpu| {err:.2e}, "
+                      f"{len(photos) / elapsed:.1f} requests/s sequential, readyz {ready.get('status')}  "
+                      f"{'OK' if good else 'FAIL'}")
+                ok &= good
+            finally:
+                serve.shutdown()
+                ray.shutdown()
     return ok
 
 
@@ -150,6 +223,7 @@ def main(argv: list[str]) -> int:
     dry = "--dry-run" in argv
     if dry:  # the Ray checks on CPU workers, small: the script's own check on a machine without a GPU
         ok = serving_and_cache_match("cpu")
+        ok &= served_replica(gpu=False)
         ok &= resume_and_evaluate(gpu=False)
         ok &= train_smoke("tiny", 64, 128, gpu=False)
         print("GPU checks, dry run on the CPU:", "passed" if ok else "FAILED")
@@ -160,6 +234,7 @@ def main(argv: list[str]) -> int:
     ok = logits_cpu_vs_gpu("tiny", 64)
     ok &= logits_cpu_vs_gpu("rn50", 224, pretrained=None, semantic_source="clip")
     ok &= serving_and_cache_match()
+    ok &= served_replica()
     ok &= resume_and_evaluate()
     ok &= train_smoke("tiny", 64, 1200)
     ok &= train_smoke("rn50", 224, 512)

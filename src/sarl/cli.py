@@ -107,7 +107,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .platform.serve import ServeConfig, read_serve_config, serve_forever
+    from .platform.serve import ServeConfig, read_serve_config, serve_forever, with_gpus
 
     config = read_serve_config(args.config) if args.config else ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {})
     flags = {"checkpoint": args.checkpoint, "vocab_store": args.vocab_store, "word_vectors": args.word_vectors}
@@ -116,6 +116,9 @@ def _serve(args: argparse.Namespace) -> int:
         print("sarl serve: give --checkpoint (or a --config whose args name one)", file=sys.stderr)
         return 2
     config.http_options.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    if args.gpus is not None:
+        config = with_gpus(config, args.gpus)
+        app_args["device"] = config.args["device"]
     serve_forever(app_args, config, args.address)
     return 0
 
@@ -179,12 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=_tune)
 
     serve = sub.add_parser("serve", help="HTTP prediction on Ray Serve, following a vocabulary store")
-    serve.add_argument("--checkpoint", help="checkpoint directory or s3:// URI")
+    serve.add_argument("--checkpoint", help="checkpoint directory, s3:// URI, or alias file (<run>/aliases/best.json)")
     serve.add_argument("--vocab-store", help="vocabulary store (directory or s3://); default: the checkpoint's")
     serve.add_argument("--word-vectors", help="word vectors for zero-shot categories of word-vector models")
     serve.add_argument("--config", help="Serve config file (serve_configs/*.yaml) for deployment settings")
     serve.add_argument("--host", help="HTTP host (default 127.0.0.1, or the config's)")
     serve.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's)")
+    serve.add_argument("--gpus", type=float, help="GPUs per replica (0: CPU); default: the config's")
     serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     serve.set_defaults(func=_serve)
 

@@ -177,6 +177,7 @@ def two_node_cluster(s3_server):
     import sys
 
     import ray
+
     import two_node
 
     if Path(sys.prefix).resolve().is_relative_to("/tmp"):  # the worker's private /tmp would hide this venv

@@ -8,56 +8,44 @@ served score with the same checkpoint run in this process.
 from __future__ import annotations
 
 import base64
-import io
 import json
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
 
 from sarl.model import Category, Vocabulary, create_model
-from sarl.model.checkpoint import load_checkpoint, save_checkpoint
-from sarl.model.data.transforms import build_transforms
+from sarl.model.checkpoint import checkpoint_digest, save_checkpoint
 from sarl.platform import storage
-from sarl.platform.serve import ServeConfig, deploy, read_serve_config
-from sarl.platform.serve_io import decode_image
+from sarl.platform.serve import deploy, read_serve_config
 from sarl.platform.vocab_store import VocabStore
 
+from serving import (
+    CARDS,
+    MAX_BODY,
+    POLL_S,
+    PORT,
+    REPO,
+    URL,
+    App,
+    Client,
+    expected_scores,
+    first_vocabulary,
+    png,
+    png_claiming,
+    post_image,
+    replica_logs,
+    second_vocabulary,
+    start_app,
+    vocabulary_of_each_replica,
+    wait_for,
+)
+
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-CARDS = ["ace", "king", "queen", "jack", "ten", "nine"]
-POLL_S = 0.5
-MAX_BODY = 1_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# Not 8000: another Serve (a benchmark, a user's app) may hold it. Serve starts once per cluster with this port.
-PORT = free_port()
-URL = f"http://127.0.0.1:{PORT}"
-
-
-@dataclass
-class App:
-    url: str
-    store: VocabStore
-    checkpoint: Path
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +54,6 @@ def checkpoint(tmp_path_factory) -> Path:
     vocabulary = Vocabulary([Category(n, aliases=["K"] if n == "king" else []) for n in CARDS], version="trained")
     model = create_model("tiny", vocabulary)
     return save_checkpoint(model, tmp_path_factory.mktemp("serve") / "checkpoint")
-
-
-def first_vocabulary() -> Vocabulary:
-    return Vocabulary([Category(n, threshold=0.5) for n in CARDS], version="1")
-
-
-def start_app(name: str, checkpoint: Path, store_uri: str) -> App:
-    store = VocabStore(store_uri)
-    store.push(first_vocabulary())
-    options = {"num_replicas": 2, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.5},
-               "max_ongoing_requests": 16,
-               "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "poll_interval_s": POLL_S}}
-    deploy({"checkpoint": str(checkpoint), "vocab_store": store_uri, "max_body_bytes": MAX_BODY},
-           ServeConfig({"host": "127.0.0.1", "port": PORT}, {}, options, name=name, route_prefix=f"/{name}"))
-    app = App(f"{URL}/{name}", store, checkpoint)
-    wait_for(lambda: requests.get(f"{app.url}/readyz", timeout=5).status_code == 200, 60)
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -103,63 +74,16 @@ def s3_app(ray_cluster, checkpoint, s3_server):
     serve.delete("s3")
 
 
-def wait_for(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def png(size: tuple[int, int] = (80, 60), seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels (with a valid CRC) but which holds almost no data."""
-    data = bytearray(png((4, 4)))
-    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return bytes(data)
-
-
-def post_image(url: str, data: bytes, **params) -> requests.Response:
-    return requests.post(f"{url}/v1/predict", data=data, params=params, headers={"Content-Type": "image/png"},
-                         timeout=30)
-
-
-def expected_scores(checkpoint: Path, data: bytes) -> torch.Tensor:
-    model = load_checkpoint(checkpoint).eval()
-    transform = build_transforms(model.config.image_size, model.config.mean, model.config.std)
-    with torch.no_grad():
-        return model(transform(decode_image(data, 10**8))[None]).sigmoid()[0]
-
-
-def vocabulary_of_each_replica(url: str, replicas: int = 2, timeout: float = 20) -> dict[str, dict]:
-    seen: dict[str, dict] = {}
-
-    def all_seen() -> bool:
-        body = requests.get(f"{url}/v1/vocabulary", timeout=5).json()
-        seen[body["replica"]] = body
-        return len(seen) >= replicas
-
-    wait_for(all_seen, timeout)
-    return seen
-
-
 # ------------------------------------------------------------------------------------------------- predictions
 def test_generated_image_scores_match_the_checkpoint(local_app):
     data = png()
-    body = post_image(local_app.url, data, threshold=0.0).json()
+    response = requests.post(f"{local_app.url}/v1/predict", data=data, params={"threshold": 0.0}, timeout=30,
+                             headers={"Content-Type": "image/png", "X-Request-ID": "client-chosen-id-1"})
+    body = response.json()
     assert body["vocabulary_version"] == "1"
+    # the model that answered: its checkpoint's digest (of the files), and the id it is known by
+    assert body["model"] == {"id": "checkpoint", "digest": checkpoint_digest(local_app.checkpoint)}
+    assert body["request_id"] == response.headers["x-request-id"] == "client-chosen-id-1"
     expected = expected_scores(local_app.checkpoint, data)
     assert set(body["scores"]) == set(CARDS)
     for i, name in enumerate(CARDS):
@@ -187,10 +111,16 @@ def test_real_photos_as_raw_bytes_multipart_and_base64_json(local_app, cards_voc
 
 def test_health_readiness_and_vocabulary_endpoints(local_app):
     assert requests.get(f"{local_app.url}/healthz", timeout=5).json()["status"] == "ok"
-    assert requests.get(f"{local_app.url}/readyz", timeout=5).json()["vocabulary_version"] == "1"
+    ready = requests.get(f"{local_app.url}/readyz", timeout=5).json()
+    assert ready["vocabulary_version"] == "1" and ready["vocabulary_source"] == "store"
+    assert ready["vocabulary_error"] is None and ready["model"]["digest"].startswith("sha256:")
     body = requests.get(f"{local_app.url}/v1/vocabulary", timeout=5).json()
     assert body["version"] == "1" and body["last_error"] is None and body["poll_interval_s"] == POLL_S
+    assert body["source"] == "store" and body["follows_store"] is True
     assert [c["name"] for c in body["categories"]] == CARDS
+    assert str(local_app.store.uri) not in json.dumps(body)  # no store address for clients
+    missing = requests.get(f"{local_app.url}/v2/nothing", timeout=5)  # JSON, like every error
+    assert missing.status_code == 404 and missing.json()["status"] == 404 and missing.json()["request_id"]
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -226,57 +156,6 @@ def test_bad_requests_get_their_status_and_the_replica_keeps_serving(local_app, 
 
 
 # ------------------------------------------------------------------------------------------------- hot reload
-class Client:
-    """Threads sending predictions continuously; records (sent, received, status, version, replica)."""
-
-    def __init__(self, url: str, threads: int = 3) -> None:
-        self.url, self.records, self.stop = url, [], threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def _run(self, seed: int) -> None:
-        data = png(seed=seed)
-        session = requests.Session()
-        while not self.stop.is_set():
-            sent = time.monotonic()
-            try:
-                r = session.post(f"{self.url}/v1/predict", data=data, headers={"Content-Type": "image/png"},
-                                 timeout=30)
-                body = r.json() if r.status_code == 200 else {}
-                record = (sent, time.monotonic(), r.status_code, body.get("vocabulary_version"), body.get("replica"))
-            except requests.RequestException as e:
-                record = (sent, time.monotonic(), repr(e), None, None)
-            with self.lock:
-                self.records.append(record)
-
-    def __enter__(self) -> Client:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-    def first_time_each_replica_served(self, version: str) -> dict[str, float]:
-        with self.lock:
-            records = list(self.records)
-        first: dict[str, float] = {}
-        for _, received, _, v, replica in sorted(records, key=lambda r: r[1]):
-            if v == version and replica not in first:
-                first[replica] = received
-        return first
-
-
-def second_vocabulary() -> Vocabulary:
-    """An alias, a threshold change, a disabled category and a new zero-shot category."""
-    cats = [Category(n, threshold=0.5) for n in CARDS]
-    cats[0] = Category("ace", aliases=["as", "one"], threshold=0.2)
-    cats[5] = Category("nine", enabled=False)
-    return Vocabulary([*cats, Category("joker", prompt="a photo of a {name} playing card.")], version="2")
-
-
 def check_push_served_by_every_replica(app: App) -> None:
     with Client(app.url) as client:
         time.sleep(1.5)  # traffic on the old version first
@@ -323,9 +202,10 @@ def test_invalid_vocabulary_in_the_store_keeps_the_old_one_serving(local_app):
         replicas = vocabulary_of_each_replica(local_app.url)
         for body in replicas.values():
             assert body["version"] == serving
-            assert body["last_error"]["version"] == "broken"
-            assert "threshold 1.5 is outside [0, 1]" in body["last_error"]["message"]
+            assert body["last_error"]["version"] == "broken" and body["last_error"]["kind"] == "invalid_version"
+            assert "message" not in body["last_error"]  # the reason is in the replica's log, not for clients
         assert post_image(local_app.url, png()).json()["vocabulary_version"] == serving
+        assert replica_logs("local").count("threshold 1.5 is outside [0, 1]") >= 2  # each replica logged it once
     finally:
         store.set_current(serving)
 

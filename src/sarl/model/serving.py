@@ -35,6 +35,8 @@ from .vocabulary import Category, MissingWordsError, Vocabulary, semantic_vector
 
 __all__ = ["BoundVocabulary", "bind_vocabulary", "match_trained", "vocabulary_problems"]
 
+PROMPT_CHUNK = 256  # zero-shot prompts per text-tower forward when a vocabulary is bound
+
 
 @dataclass(frozen=True)
 class BoundVocabulary:
@@ -56,9 +58,16 @@ class BoundVocabulary:
         return [i is None for i in self.trained_index]
 
     @torch.no_grad()
-    def score(self, model: SARLModel, images: torch.Tensor) -> torch.Tensor:
-        """Probabilities (B, C) for a batch of preprocessed images, one forward of the visual tower."""
-        dense, global_feat = model.encode_image(images)
+    def score(self, model: SARLModel, images: torch.Tensor, autocast: bool | None = None) -> torch.Tensor:
+        """Probabilities (B, C) for a batch of preprocessed images, one forward of the visual tower.
+
+        ``autocast`` (default: on for CUDA images): the visual tower runs under bf16 autocast; its features are
+        cast back to fp32, so the attention, the cosine similarities and the sigmoid are computed in fp32.
+        """
+        enabled = images.is_cuda if autocast is None else autocast
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=enabled):
+            dense, global_feat = model.encode_image(images)
+        dense, global_feat = dense.float(), global_feat.float()
         category_feat = None
         if model.decoupling is not None:
             category_feat, _ = model.decoupling(dense, self.semantics.to(dense.device))
@@ -66,6 +75,14 @@ class BoundVocabulary:
                             self.text_neg.to(dense.device) if self.text_neg is not None else None,
                             global_feat, category_feat=category_feat, dense=dense, bias=self.bias.to(dense.device))
         return logits.float().sigmoid()
+
+    def score_list(self, model: SARLModel, images: list[torch.Tensor], device: torch.device) -> list[list[float]]:
+        """``score`` of preprocessed (3, H, W) CPU images, as lists of floats: the stack, the copy to ``device`` and
+        the copy back included, so a caller on an event loop runs this whole call in a worker thread."""
+        batch = torch.stack(images)
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        return self.score(model, batch).cpu().tolist()
 
 
 def _keys(category: Category) -> list[str]:
@@ -129,7 +146,11 @@ def bind_vocabulary(model: SARLModel, vocabulary: Vocabulary, word_vectors: Any 
     device = trained_pos.device
     zero = [i for i, r in enumerate(rows) if r is None]
     zero_cats = [vocabulary.categories[i] for i in zero]
-    handcrafted = model.text.encode_texts([c.prompt_text() for c in zero_cats]) if zero else None
+    handcrafted = None
+    if zero:  # in chunks: thousands of zero-shot prompts in one text forward would be one huge activation
+        prompts = [c.prompt_text() for c in zero_cats]
+        handcrafted = torch.cat([model.text.encode_texts(prompts[i:i + PROMPT_CHUNK])
+                                 for i in range(0, len(prompts), PROMPT_CHUNK)])
 
     def gather(trained: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
         out = torch.zeros(len(rows), *trained.shape[1:], dtype=trained.dtype, device=device)

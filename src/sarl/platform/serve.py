@@ -1,23 +1,29 @@
 """Online prediction on Ray Serve: one autoscaled deployment with a FastAPI ingress, dynamic batching, and a
 vocabulary that replicas reload while serving.
 
-    serve run serve_configs/local.yaml          # or: sarl serve --checkpoint URI --vocab-store URI
+    serve run serve_configs/local.yaml          # or: sarl serve --checkpoint URI --vocab-store URI [--gpus 1]
 
-Heavy state (the checkpoint's model) is loaded in ``__init__``; light state comes from ``user_config`` through
-``reconfigure`` (batch size, batch wait, poll interval, a pinned vocabulary version), so changing it never
-restarts a replica. A background thread follows the vocabulary store's current pointer: it builds the new
-version's per-category tensors off the request path (``bind_vocabulary``: text features once per version, never
-per request), then swaps one reference. A batch reads that reference once, so every response comes from exactly
-one vocabulary version, and it names it. A version that fails to load leaves the previous one serving and is
-reported as ``last_error`` by ``GET /v1/vocabulary``.
+Heavy state (the checkpoint's model, on the replica's GPU when it has one) is loaded in ``__init__``; light
+state comes from ``user_config`` through ``reconfigure`` (batch size, batch wait, poll interval, backoff cap, a
+pinned vocabulary version), so changing it never restarts a replica. A background thread follows the vocabulary
+store (``serve_vocab.VocabularyWatcher``: retries, refusals, limits): it builds a new version's per-category
+tensors off the request path, then swaps one reference. A batch reads that reference once, so every response
+comes from exactly one vocabulary version, and it names it, with the model (``aliases``: id and digest).
+
+A request: the body is read and checked (``serve_io``), the image decoded on the decode pool, the batch scored
+on the forward thread (stack, copy to the device, forward, copy back: never on the event loop). Every response
+and every error is JSON with the request id; the ``sarl_*`` metrics (``serve_metrics``) count and time it.
 """
 
 import asyncio
+import dataclasses
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,9 @@ from ..model.checkpoint import load_checkpoint
 from ..model.data.transforms import build_transforms
 from ..model.serving import BoundVocabulary, bind_vocabulary
 from . import storage
+from .aliases import is_alias, read_alias, served_checkpoint
 from .serve_io import RequestError, decode_image, parse_predict_request
+from .serve_vocab import VocabularyLimits, VocabularyWatcher
 from .vocab_store import VocabStore
 from .word_vectors import load as load_vectors
 
@@ -41,7 +49,10 @@ logger = logging.getLogger("ray.serve")
 
 APP_NAME = "sarl"
 DEFAULT_USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "poll_interval_s": 2.0,
-                       "vocabulary_version": None}
+                       "max_retry_interval_s": 60.0, "vocabulary_version": None}
+REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large",
+           415: "unsupported_media_type", 422: "invalid_request", 500: "internal", 503: "unavailable"}
+PROBE_TIMEOUT_S = 30.0  # a health probe forward slower than this marks the replica unhealthy
 
 
 class ServeArgs(BaseModel):
@@ -49,12 +60,17 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field(description="checkpoint directory or s3:// URI")
+    checkpoint: str = Field(description="checkpoint directory, s3:// URI, or an alias file (<run>/aliases/*.json)")
     vocab_store: str | None = Field(None, description="vocabulary store (path or s3://); None: the checkpoint's")
     word_vectors: str | None = Field(None, description="word vectors for zero-shot categories of word-vector models")
     device: str = Field("auto", description="'auto' (CUDA when the replica has a GPU), 'cpu' or 'cuda'")
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="refuse larger images before decoding them")
+    max_categories: int = Field(VocabularyLimits.max_categories, gt=0, description="per vocabulary version")
+    max_prompt_tokens: int = Field(VocabularyLimits.max_prompt_tokens, gt=2, description="per zero-shot prompt")
+    decode_threads: int | None = Field(None, gt=0, description="image decoding threads; default: the replica's CPUs")
+    resolved: dict | None = Field(None, description="set when the app is built: the alias's checkpoint, digest and "
+                                                    "model id, so every replica of a deployment serves one model")
 
 
 class UserConfig(BaseModel):
@@ -65,31 +81,78 @@ class UserConfig(BaseModel):
     max_batch_size: int = Field(DEFAULT_USER_CONFIG["max_batch_size"], ge=1)
     batch_wait_timeout_s: float = Field(DEFAULT_USER_CONFIG["batch_wait_timeout_s"], ge=0)
     poll_interval_s: float = Field(DEFAULT_USER_CONFIG["poll_interval_s"], gt=0)
+    max_retry_interval_s: float = Field(DEFAULT_USER_CONFIG["max_retry_interval_s"], gt=0)  # store-outage backoff cap
     vocabulary_version: str | None = None  # pin a version; None follows the store's current pointer
 
 
 app = FastAPI(title="SARL multi-label prediction", version="1")
 
 
+def _request_id(request: Request) -> str:
+    """Serve's id of the request (the proxy's ``x-request-id``: the client's, or one it made), else a new one."""
+    from ray.serve.context import _get_serve_request_context  # Serve puts the id in the replica's request context
+
+    return _get_serve_request_context().request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def error_response(status: int, message: str, request_id: str, reason: str | None = None,
+                   detail: object = None) -> JSONResponse:
+    body = {"error": message, "status": status, "reason": reason or REASONS.get(status, "error"),
+            "request_id": request_id}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)  # Serve's proxy adds the x-request-id header to every response
+
+
+def internal_error(exc: BaseException) -> tuple[int, str, str]:
+    """Status, client message and reason of an unexpected exception (its text stays in the log)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return 503, "the model ran out of memory on this batch; retry", "out_of_memory"
+    return 500, "internal error while scoring the image; see the replica log for the request id", "internal"
+
+
+@app.middleware("http")
+async def _errors_and_metrics(request: Request, call_next: Any) -> Any:
+    """Every unexpected exception becomes a JSON error with the request id (Serve's proxy puts the id in each
+    response's ``x-request-id`` header and Serve's replica log lines); counts the prediction requests."""
+    request_id = _request_id(request)
+    request.state.request_id = request_id
+    reason = None
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # noqa: BLE001 - the client gets JSON, the log gets the traceback
+        status, message, reason = internal_error(exc)
+        logger.exception("request %s failed (%s)", request_id, reason)
+        response = error_response(status, message, request_id, reason)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None and request.url.path.endswith("/v1/predict"):
+        metrics.request(response.status_code, reason or getattr(request.state, "reason", None)
+                        or ("ok" if response.status_code < 400 else REASONS.get(response.status_code, "error")))
+    return response
+
+
 @app.exception_handler(RequestError)
-async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    request.state.reason = REASONS.get(exc.status, "error")
+    return error_response(exc.status, exc.message, request.state.request_id, detail=exc.detail)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
     message = "; ".join(f"{d['field']}: {d['message']}" for d in detail)
-    return JSONResponse({"error": message, "status": 422, "detail": detail}, status_code=422)
+    return error_response(422, message, request.state.request_id, detail=detail)
+
+
+@app.exception_handler(404)
+@app.exception_handler(405)
+async def _http_error(request: Request, exc: Any) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), getattr(request.state, "request_id", ""))
 
 
 # Module-level helpers the deployment uses are defined above it: Serve serialises the class when decorated.
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _response(probs: list[float], bound: BoundVocabulary, top_k: int | None, threshold: float | None,
-              replica: str) -> dict:
+              replica: str, model: dict[str, str], request_id: str) -> dict:
     """Scores of the enabled categories (best first, at most ``top_k``) and the labels at or above threshold."""
     rows = [(p, c, z) for p, c, z in zip(probs, bound.vocabulary.categories, bound.zero_shot) if c.enabled]
     rows.sort(key=lambda r: -r[0])
@@ -100,8 +163,41 @@ def _response(probs: list[float], bound: BoundVocabulary, top_k: int | None, thr
         cut = c.threshold if threshold is None else threshold
         if p >= cut:
             labels.append({"name": c.name, "score": round(p, 6), "threshold": cut, "zero_shot": z})
-    return {"vocabulary_version": bound.version, "labels": labels,
-            "scores": {c.name: round(p, 6) for p, c, _ in rows}, "replica": replica}
+    return {"vocabulary_version": bound.version, "model": model, "labels": labels,
+            "scores": {c.name: round(p, 6) for p, c, _ in rows}, "replica": replica, "request_id": request_id}
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A CUDA error that leaves the device unusable (not an out-of-memory error, which the next batch survives)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
+
+
+@dataclass
+class ModelHealth:
+    """What the replica knows about its model: the last good forward, and a fatal device error if one happened."""
+
+    last_ok: float = field(default_factory=time.monotonic)
+    fatal: str | None = None
+
+    def ok(self) -> None:
+        self.last_ok = time.monotonic()
+
+    def failed(self, exc: BaseException) -> None:
+        if is_fatal_device_error(exc):
+            self.fatal = f"{type(exc).__name__}: {exc}"
+
+
+def _replica_cpus() -> int:
+    import ray
+
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        cpus = os.cpu_count() or 1
+    return max(1, int(round(cpus)))
 
 
 @serve.deployment(
@@ -113,88 +209,104 @@ def _response(probs: list[float], bound: BoundVocabulary, top_k: int | None, thr
 )
 @serve.ingress(app)
 class Predictor:
-    """One replica: the model, the bound vocabulary, and the watcher that follows the vocabulary store."""
+    """One replica: the model, the bound vocabulary and its watcher, two executors, health and metrics."""
 
     def __init__(self, args: ServeArgs) -> None:
+        from .serve_metrics import ServeMetrics
+
         self.args = args
         self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if args.device == "auto" else args.device))
-        checkpoint = storage.local_copy(args.checkpoint)
-        self.model = load_checkpoint(checkpoint, map_location=self.device, resolve=storage.local_copy).eval()
+        self.checkpoint = served_checkpoint(args.checkpoint, args.resolved)
+        self.model_info = {"id": self.checkpoint.model_id, "digest": self.checkpoint.digest}
+        self.model = load_checkpoint(self.checkpoint.local, map_location=self.device,
+                                     resolve=storage.local_copy).eval()
         cfg = self.model.config
         self.transform = build_transforms(cfg.image_size, cfg.mean, cfg.std, train=False)
         self.word_vectors = load_vectors(args.word_vectors) if args.word_vectors else None  # pickles refused
-        self.store = VocabStore(args.vocab_store) if args.vocab_store else None
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.config = UserConfig()
-        self.last_error: dict[str, str] | None = None
-        self._attempted: Any = None  # the pointer (or pinned version) last tried, so a bad one is not rebuilt per poll
-        self._lock = threading.Lock()  # one reload at a time (the watcher, or reconfigure pinning a version)
-        self.bound = self._bind_checkpoint_vocabulary()
-        self._refresh()
-        with torch.no_grad():  # warm-up: the first request should not pay for lazy initialisation
-            self.bound.score(self.model, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=self.device))
+        # Decoding never queues the forward: the forward has its own single thread (one batch at a time on the
+        # device), decodes a pool sized to the replica's CPUs. Neither is the event loop.
+        self.forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.decode_pool = ThreadPoolExecutor(args.decode_threads or _replica_cpus(), thread_name_prefix="decode")
+        self.health = ModelHealth()
+        self.metrics = ServeMetrics(self.checkpoint.model_id, self.checkpoint.digest)
+        app.state.metrics = self.metrics
+        store = VocabStore(args.vocab_store, fail_fast=True) if args.vocab_store else None
+        limits = VocabularyLimits(args.max_categories, args.max_prompt_tokens)
+        self.watcher = VocabularyWatcher(store, self._bind(self.model.vocabulary), self._bind,
+                                         self.model.vocabulary, limits, on_outcome=self.metrics.reload)
+        self._refresh()  # never raises: an unreachable store leaves the checkpoint's vocabulary serving
+        # Warm-up: the first request should not pay for lazy initialisation, and a model that cannot run on this
+        # device fails the replica here, before it takes traffic.
+        self.watcher.bound.score_list(self.model, [self._blank()], self.device)
         self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="vocabulary-watcher", daemon=True)
-        self._watcher.start()
+        self._thread = threading.Thread(target=self._watch, name="vocabulary-watcher", daemon=True)
+        self._thread.start()
+
+    def _blank(self) -> torch.Tensor:
+        size = self.model.config.image_size
+        return torch.zeros(3, size, size)
+
+    def _bind(self, vocabulary: Any) -> BoundVocabulary:
+        return bind_vocabulary(self.model, vocabulary, self.word_vectors)
 
     # ------------------------------------------------------------------------------------ live settings
     def reconfigure(self, user_config: dict) -> None:
+        previous = self.config.vocabulary_version
         self.config = UserConfig.model_validate({**DEFAULT_USER_CONFIG, **(user_config or {})})
         self._score_batch.set_max_batch_size(self.config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        self._refresh()  # a newly pinned (or unpinned) version takes effect now, not after the next poll
+        # A newly pinned (or unpinned) version takes effect now, not after the next poll; never raises.
+        self._refresh(force=self.config.vocabulary_version != previous)
 
-    def check_health(self) -> None:
-        if not self._watcher.is_alive():
+    async def check_health(self) -> None:
+        """Serve calls this every ``health_check_period_s``; raising takes the replica out of rotation and
+        replaces it. Unhealthy: the watcher thread died, the device had a fatal error, or (when no batch ran
+        lately) a one-image probe forward fails or hangs."""
+        if not self._thread.is_alive():
             raise RuntimeError("the vocabulary watcher thread died")
+        if self.health.fatal:
+            raise RuntimeError(f"the model's device failed: {self.health.fatal}")
+        if time.monotonic() - self.health.last_ok > 10:
+            await asyncio.wait_for(self._forward([self._blank()], self.watcher.bound), PROBE_TIMEOUT_S)
 
     # ------------------------------------------------------------------------------------ vocabulary
-    def _bind_checkpoint_vocabulary(self) -> BoundVocabulary:
-        return bind_vocabulary(self.model, self.model.vocabulary, self.word_vectors)
-
     def _watch(self) -> None:
         while not self._stop.wait(self.config.poll_interval_s):
-            try:
-                self._refresh()
-            except Exception:  # the store being unreachable for a moment must not end the watcher
-                logger.exception("vocabulary refresh failed")
+            self._refresh()
 
-    def _refresh(self) -> None:
-        """Load the wanted vocabulary version if it is not the one served; on failure keep serving the old one."""
-        if self.store is None:
-            return
-        with self._lock:
-            pinned = self.config.vocabulary_version
-            wanted = pinned or self.store.pointer()
-            if wanted is None or wanted == self._attempted:
-                return
-            version = pinned or wanted["version"]
-            self._attempted = wanted
-            try:
-                vocabulary = self.store.load(version)
-                if vocabulary.fingerprint() == self.bound.vocabulary.fingerprint():
-                    self.last_error = None
-                    return
-                started = time.perf_counter()
-                bound = bind_vocabulary(self.model, vocabulary, self.word_vectors)
-            except Exception as e:
-                self.last_error = {"version": str(version), "message": str(e), "at": _now()}
-                logger.warning("vocabulary version %s not loaded, still serving %s: %s", version,
-                               self.bound.version, e)
-                return
-            self.bound, self.last_error = bound, None  # the swap: one reference
-            logger.info("serving vocabulary version %s (built in %.0f ms)", bound.version,
-                        1000 * (time.perf_counter() - started))
+    def _refresh(self, force: bool = False) -> None:
+        self.watcher.refresh(self.config.vocabulary_version, self.config.poll_interval_s,
+                             self.config.max_retry_interval_s, force=force)
+        self.metrics.served(self.watcher.bound.version)
 
     # ------------------------------------------------------------------------------------ scoring
+    async def _forward(self, images: list[torch.Tensor], bound: BoundVocabulary) -> list[list[float]]:
+        started = time.perf_counter()
+        try:
+            probs = await asyncio.get_running_loop().run_in_executor(
+                self.forward_pool, bound.score_list, self.model, images, self.device)
+        except Exception as exc:
+            self.health.failed(exc)
+            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+        self.health.ok()
+        self.metrics.forward.observe(time.perf_counter() - started)
+        return probs
+
     @serve.batch(max_batch_size=DEFAULT_USER_CONFIG["max_batch_size"],
                  batch_wait_timeout_s=DEFAULT_USER_CONFIG["batch_wait_timeout_s"])
-    async def _score_batch(self, images: list[torch.Tensor]) -> list[tuple[list[float], BoundVocabulary]]:
-        bound = self.bound  # read once: the whole batch is scored under one vocabulary version
-        batch = torch.stack(images).to(self.device)
-        probs = await asyncio.to_thread(bound.score, self.model, batch)  # the event loop keeps taking requests
-        return [(row, bound) for row in probs.cpu().tolist()]
+    async def _score_batch(self, items: list[tuple[torch.Tensor, float]]) -> list[tuple[list[float], BoundVocabulary]]:
+        now = time.perf_counter()
+        for _, queued in items:
+            self.metrics.queue.observe(now - queued)
+        self.metrics.batch_size.observe(len(items))
+        bound = self.watcher.bound  # read once: the whole batch is scored under one vocabulary version
+        probs = await self._forward([image for image, _ in items], bound)
+        return [(row, bound) for row in probs]
 
     def _preprocess(self, data: bytes) -> torch.Tensor:
         return self.transform(decode_image(data, self.args.max_image_pixels))
@@ -204,33 +316,52 @@ class Predictor:
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1),
                       threshold: float | None = Query(None, ge=0.0, le=1.0)) -> dict:
         parsed = await parse_predict_request(request, self.args.max_body_bytes, top_k, threshold)
-        image = await asyncio.to_thread(self._preprocess, parsed.image)
-        probs, bound = await self._score_batch(image)
-        return _response(probs, bound, parsed.top_k, parsed.threshold, self.replica)
+        started = time.perf_counter()
+        image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._preprocess, parsed.image)
+        self.metrics.decode.observe(time.perf_counter() - started)
+        probs, bound = await self._score_batch((image, time.perf_counter()))
+        return _response(probs, bound, parsed.top_k, parsed.threshold, self.replica, self.model_info,
+                         request.state.request_id)
 
     @app.get("/v1/vocabulary")
     def vocabulary(self) -> dict:
-        bound = self.bound
+        """The served version and its categories (no store address, no exception text: those are logged)."""
+        bound = self.watcher.bound
         categories = [{**c.to_dict(), "zero_shot": z} for c, z in zip(bound.vocabulary.categories, bound.zero_shot)]
-        return {"version": bound.version, "fingerprint": bound.vocabulary.fingerprint(),
-                "store": self.args.vocab_store, "pinned": self.config.vocabulary_version,
-                "poll_interval_s": self.config.poll_interval_s, "last_error": self.last_error,
-                "replica": self.replica, "categories": categories}
+        return {**self.watcher.state(), "pinned": self.config.vocabulary_version,
+                "poll_interval_s": self.config.poll_interval_s, "model": self.model_info, "replica": self.replica,
+                "categories": categories}
 
     @app.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok", "replica": self.replica}
 
     @app.get("/readyz")
-    def readyz(self) -> dict:
-        return {"status": "ready", "vocabulary_version": self.bound.version, "replica": self.replica}
+    async def readyz(self, request: Request) -> Any:
+        """200 when the model answered a forward in the last 5 s (a batch, else a one-image probe now) and the
+        watcher runs; 503 (JSON) otherwise. The vocabulary state is reported: a store outage is not unready."""
+        state = self.watcher.state()
+        problem = None
+        if self.health.fatal or not self._thread.is_alive():
+            problem = "the model's device failed" if self.health.fatal else "the vocabulary watcher stopped"
+        elif time.monotonic() - self.health.last_ok > 5:  # no batch lately: check the model answers
+            try:
+                await asyncio.wait_for(self._forward([self._blank()], self.watcher.bound), PROBE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - logged; the client sees 503
+                logger.exception("readiness probe forward failed")
+                problem = "the model failed a probe forward"
+        if problem:
+            return error_response(503, problem, request.state.request_id)
+        return {"status": "ready", "vocabulary_version": state["version"], "vocabulary_source": state["source"],
+                "vocabulary_error": state["last_error"], "model": self.model_info, "replica": self.replica}
 
 
 def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application for ``args`` (a dict from a config file is validated into :class:`ServeArgs`).
 
     Local paths are made absolute here, against the directory the app is built from, because replicas may run
-    in other working directories.
+    in other working directories. An alias is resolved here too (``ServeArgs.resolved``): replicas started later
+    by autoscaling serve the same checkpoint as the others even if the alias has moved since.
     """
     return Predictor.bind(_resolve(args))
 
@@ -241,6 +372,9 @@ def _resolve(args: ServeArgs | dict) -> ServeArgs:
         value = getattr(args, key)
         if value and not storage.is_s3(value):
             setattr(args, key, str(Path(value).expanduser().resolve()))
+    if is_alias(args.checkpoint):
+        record = read_alias(args.checkpoint)
+        args.resolved = {k: record[k] for k in ("checkpoint", "digest", "model_id")}
     return args
 
 
@@ -253,6 +387,7 @@ class ServeConfig:
     deployment: dict  # options of the Predictor deployment, as ``Deployment.options`` takes them
     name: str = APP_NAME
     route_prefix: str = "/"
+    proxy_location: str | None = None  # HeadOnly, EveryNode or Disabled; None: Serve's default (EveryNode)
 
 
 def read_serve_config(path: str | Path) -> ServeConfig:
@@ -266,8 +401,17 @@ def read_serve_config(path: str | Path) -> ServeConfig:
     app_config = apps[0]
     options = next((d.model_dump(exclude_unset=True) for d in app_config.deployments if d.name == "Predictor"), {})
     options.pop("name", None)
-    http = config.http_options.model_dump(include={"host", "port", "request_timeout_s", "keep_alive_timeout_s"})
-    return ServeConfig(http, dict(app_config.args), options, app_config.name, app_config.route_prefix or "/")
+    http = config.http_options.model_dump(exclude_unset=True)  # every HTTP option the file sets
+    proxy = config.proxy_location.value if "proxy_location" in config.model_fields_set else None
+    return ServeConfig(http, dict(app_config.args), options, app_config.name, app_config.route_prefix or "/", proxy)
+
+
+def with_gpus(config: ServeConfig, gpus: float) -> ServeConfig:
+    """``config`` with ``gpus`` GPUs per replica (``sarl serve --gpus``); 0 serves on the CPU."""
+    actor = dict(config.deployment.get("ray_actor_options") or {})
+    actor["num_gpus"] = gpus
+    args = {**config.args, "device": "cuda" if gpus > 0 else "cpu"}
+    return dataclasses.replace(config, deployment={**config.deployment, "ray_actor_options": actor}, args=args)
 
 
 def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
@@ -277,7 +421,8 @@ def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
     ``user_config`` without restarting them, redeploy the config file with ``serve deploy``.
     """
     config = config or ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {})
-    serve.start(http_options=config.http_options)
+    serve.start(http_options=config.http_options,
+                **({"proxy_location": config.proxy_location} if config.proxy_location else {}))
     serve.run(Predictor.options(**config.deployment).bind(_resolve(args)), name=config.name,
               route_prefix=config.route_prefix)
     host = config.http_options.get("host", "127.0.0.1")

@@ -10,21 +10,38 @@ Kept apart from the Serve deployment so every rule about bad input is plain code
 - bad ``top_k`` / ``threshold`` are 422.
 
 No URL is ever fetched: an image only comes in the request body.
+
+Images (:func:`decode_image`): JPEG, MPO, PNG, GIF, WebP, BMP, TIFF and AVIF (where PIL has the codec); any other
+format (EPS, which would run Ghostscript, among them) is 400. Every image becomes 8-bit RGB, turned upright first by
+its EXIF orientation (ignored if the EXIF data is unreadable); only the first frame of an animated or multi-page image
+is decoded, and only its size counts. Converted: grayscale, 1-bit, palette and CMYK by PIL; 16-bit grayscale
+(``I;16``, and ``I``, read as 16-bit values) scaled to 8 bits as round(v / 257); transparency (alpha channel, palette
+or ``tRNS`` transparency) composited over white. Refused: empty or non-image bytes, truncated or corrupt data, and
+colour spaces PIL cannot turn into RGB are 400; over ``max_pixels`` is 413, from the header, before decoding. Truncated
+images are only caught while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default, False: nothing may set it.
 """
 
 import base64
 import binascii
 import io
 import json
-import warnings
+import struct
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.requests import Request
 
 RAW_TYPES = ("application/octet-stream",)
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
+
+Image.init()  # registers every plugin once, at import, so that the list below names only formats this PIL opens
+IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF") if f in Image.OPEN)
+# what PIL raises on malformed files; some plugins also let IndexError, KeyError or ZeroDivisionError out of bad headers
+DECODER_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
+                  KeyError, ZeroDivisionError)
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 
 class RequestError(Exception):
@@ -135,19 +152,44 @@ async def _from_multipart(request: Request, body: bytes) -> bytes:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """An RGB image from encoded bytes; the size in the header is checked before decoding (413), bad bytes are 400."""
+    """An RGB image from encoded bytes (see "Images" above); over ``max_pixels`` is 413 from the header, bad bytes 400.
+
+    Safe in worker threads: it sets no warning filter and no PIL global; the pixel limit is its own check of the
+    header, whatever ``Image.MAX_IMAGE_PIXELS`` is (PIL's own check still applies on top: 413 when it refuses).
+    """
+    if not data:
+        raise RequestError(400, "the image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-            width, height = image.size
-            if width * height > max_pixels:
-                raise RequestError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header, not the pixels
+        width, height = image.size  # of the first frame, the only one decoded
+        if width * height > max_pixels:
+            raise RequestError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+        if width < 1 or height < 1:
+            raise RequestError(400, f"image of {width}x{height} pixels is empty")
+        image.load()  # the first frame only; truncated data raises OSError
+        try:
+            ImageOps.exif_transpose(image, in_place=True)
+        except DECODER_ERRORS:
+            pass  # unreadable EXIF: the pixels are fine, score them as stored
+        return _to_rgb(image)
     except RequestError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise RequestError(413, f"image is over the limit of {max_pixels} pixels: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except DECODER_ERRORS as e:
         raise RequestError(400, f"cannot decode the image: {e}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A new 8-bit RGB image: 16-bit values scaled (not clipped) to 8 bits, transparency composited over white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image)  # uint16 in the file's byte order, or int32 for "I"
+        if values.dtype.kind == "i":
+            values = np.clip(values, 0, 65535)
+        image = Image.fromarray(((values.astype(np.uint32) + 128) // 257).astype(np.uint8))  # round(v / 257)
+    transparent = (image.mode in ALPHA_MODES or "transparency" in image.info
+                   or (image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")))
+    if not transparent:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
