@@ -35,15 +35,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from ..model.checkpoint import load_checkpoint
-from ..model.data.transforms import build_transforms
-from ..model.serving import BoundVocabulary, bind_vocabulary
+from ..model.serving import BoundVocabulary
 from . import storage
-from .aliases import is_alias, read_alias, served_checkpoint
-from .serve_io import RequestError, decode_image, parse_predict_request
+from .aliases import is_alias, read_alias
+from .scoring import ImageScorer
+from .serve_io import RequestError, parse_predict_request
 from .serve_vocab import VocabularyLimits, VocabularyWatcher
 from .vocab_store import VocabStore
-from .word_vectors import load as load_vectors
 
 logger = logging.getLogger("ray.serve")
 
@@ -215,15 +213,9 @@ class Predictor:
         from .serve_metrics import ServeMetrics
 
         self.args = args
-        self.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if args.device == "auto" else args.device))
-        self.checkpoint = served_checkpoint(args.checkpoint, args.resolved)
-        self.model_info = {"id": self.checkpoint.model_id, "digest": self.checkpoint.digest}
-        self.model = load_checkpoint(self.checkpoint.local, map_location=self.device,
-                                     resolve=storage.local_copy).eval()
-        cfg = self.model.config
-        self.transform = build_transforms(cfg.image_size, cfg.mean, cfg.std, train=False)
-        self.word_vectors = load_vectors(args.word_vectors) if args.word_vectors else None  # pickles refused
+        self.scorer = ImageScorer(args.checkpoint, args.device, args.resolved, args.word_vectors,
+                                  args.max_image_pixels)
+        self.model, self.device, self.model_info = self.scorer.model, self.scorer.device, self.scorer.model_info
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.config = UserConfig()
         # Decoding never queues the forward: the forward has its own single thread (one batch at a time on the
@@ -231,26 +223,19 @@ class Predictor:
         self.forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.decode_pool = ThreadPoolExecutor(args.decode_threads or _replica_cpus(), thread_name_prefix="decode")
         self.health = ModelHealth()
-        self.metrics = ServeMetrics(self.checkpoint.model_id, self.checkpoint.digest)
+        self.metrics = ServeMetrics(self.model_info["id"], self.model_info["digest"])
         app.state.metrics = self.metrics
         store = VocabStore(args.vocab_store, fail_fast=True) if args.vocab_store else None
         limits = VocabularyLimits(args.max_categories, args.max_prompt_tokens)
-        self.watcher = VocabularyWatcher(store, self._bind(self.model.vocabulary), self._bind,
+        self.watcher = VocabularyWatcher(store, self.scorer.bind(self.model.vocabulary), self.scorer.bind,
                                          self.model.vocabulary, limits, on_outcome=self.metrics.reload)
         self._refresh()  # never raises: an unreachable store leaves the checkpoint's vocabulary serving
         # Warm-up: the first request should not pay for lazy initialisation, and a model that cannot run on this
         # device fails the replica here, before it takes traffic.
-        self.watcher.bound.score_list(self.model, [self._blank()], self.device)
+        self.scorer.score(self.watcher.bound, [self.scorer.blank()])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="vocabulary-watcher", daemon=True)
         self._thread.start()
-
-    def _blank(self) -> torch.Tensor:
-        size = self.model.config.image_size
-        return torch.zeros(3, size, size)
-
-    def _bind(self, vocabulary: Any) -> BoundVocabulary:
-        return bind_vocabulary(self.model, vocabulary, self.word_vectors)
 
     # ------------------------------------------------------------------------------------ live settings
     def reconfigure(self, user_config: dict) -> None:
@@ -270,7 +255,7 @@ class Predictor:
         if self.health.fatal:
             raise RuntimeError(f"the model's device failed: {self.health.fatal}")
         if time.monotonic() - self.health.last_ok > 10:
-            await asyncio.wait_for(self._forward([self._blank()], self.watcher.bound), PROBE_TIMEOUT_S)
+            await asyncio.wait_for(self._forward([self.scorer.blank()], self.watcher.bound), PROBE_TIMEOUT_S)
 
     # ------------------------------------------------------------------------------------ vocabulary
     def _watch(self) -> None:
@@ -286,8 +271,8 @@ class Predictor:
     async def _forward(self, images: list[torch.Tensor], bound: BoundVocabulary) -> list[list[float]]:
         started = time.perf_counter()
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self.forward_pool, bound.score_list, self.model, images, self.device)
+            probs = await asyncio.get_running_loop().run_in_executor(self.forward_pool, self.scorer.score, bound,
+                                                                     images)
         except Exception as exc:
             self.health.failed(exc)
             if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
@@ -308,16 +293,13 @@ class Predictor:
         probs = await self._forward([image for image, _ in items], bound)
         return [(row, bound) for row in probs]
 
-    def _preprocess(self, data: bytes) -> torch.Tensor:
-        return self.transform(decode_image(data, self.args.max_image_pixels))
-
     # ------------------------------------------------------------------------------------ HTTP API
     @app.post("/v1/predict")
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1),
                       threshold: float | None = Query(None, ge=0.0, le=1.0)) -> dict:
         parsed = await parse_predict_request(request, self.args.max_body_bytes, top_k, threshold)
         started = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._preprocess, parsed.image)
+        image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.scorer.preprocess, parsed.image)
         self.metrics.decode.observe(time.perf_counter() - started)
         probs, bound = await self._score_batch((image, time.perf_counter()))
         return _response(probs, bound, parsed.top_k, parsed.threshold, self.replica, self.model_info,
@@ -346,7 +328,7 @@ class Predictor:
             problem = "the model's device failed" if self.health.fatal else "the vocabulary watcher stopped"
         elif time.monotonic() - self.health.last_ok > 5:  # no batch lately: check the model answers
             try:
-                await asyncio.wait_for(self._forward([self._blank()], self.watcher.bound), PROBE_TIMEOUT_S)
+                await asyncio.wait_for(self._forward([self.scorer.blank()], self.watcher.bound), PROBE_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - logged; the client sees 503
                 logger.exception("readiness probe forward failed")
                 problem = "the model failed a probe forward"
