@@ -28,6 +28,7 @@ bench: $(BIN)/sarl
 	$(BIN)/python bench/model_forward.py
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/sweep.py
 
 lint: $(BIN)/sarl

@@ -1,4 +1,5 @@
-"""The ``sarl`` command: ``sarl demo | train | evaluate | export | protocol | tune | serve | vocab``.
+"""The ``sarl`` command: ``sarl demo | train | evaluate | export | protocol | tune | serve | predict | calibrate |
+complete | vocab``.
 
 Each subcommand is a small function over the library."""
 
@@ -106,6 +107,98 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .platform.predict import PredictConfig, PredictError, run_predict
+
+    args = _with_config(args, {}, ("checkpoint", "input", "output"))
+    if args is None:
+        return 2
+    fields = {f.name for f in dataclasses.fields(PredictConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    try:
+        summary = run_predict(PredictConfig(**options))
+    except PredictError as exc:
+        print(f"sarl predict: {exc}", file=sys.stderr)
+        return 2
+    run = summary["this_run"]
+    print(f"{summary['images']} images: {summary['written']} rows, {summary['errors']} unreadable "
+          f"({summary['skipped_already_written']} were already done); this run scored {run['scored']} and found "
+          f"{run['errors']} unreadable in {run['seconds']:.1f} s ({run['images_per_s'] or 0:.1f} images/s). "
+          f"Model {summary['model']['id']}, vocabulary {summary['vocabulary_version']}; written to "
+          f"{summary['output']}", flush=True)
+    return 0
+
+
+def _with_config(args: argparse.Namespace, defaults: dict, required: tuple[str, ...]) -> argparse.Namespace | None:
+    """``args`` with the values of ``--config`` (a YAML of option names) where no flag was given, then
+    ``defaults``; None (after saying why) when a required option is missing or the file has unknown keys."""
+    import yaml
+
+    options = yaml.safe_load(open(args.config)) if args.config else {}
+    options = {k.replace("-", "_"): v for k, v in (options or {}).items()}
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        print(f"sarl {args.command}: unknown keys in {args.config}: {', '.join(unknown)}", file=sys.stderr)
+        return None
+    for key, value in {**defaults, **options}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    missing = [k for k in required if not getattr(args, k, None)]
+    if missing:
+        print(f"sarl {args.command}: give {', '.join('--' + k.replace('_', '-') for k in missing)} (or a --config "
+              "with them)", file=sys.stderr)
+        return None
+    return args
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .platform.complete import DEFAULT_MIN_POSITIVES, run_calibrate
+
+    args = _with_config(args, {"min_positives": DEFAULT_MIN_POSITIVES, "no_current": False, "data": []},
+                        ("checkpoint", "vocab_store"))
+    if args is None:
+        return 2
+
+    out = run_calibrate(args.checkpoint, args.vocab_store, args.data, args.version, args.min_positives,
+                        make_current=not args.no_current)
+    for c in out["categories"]:
+        how = "calibrated" if c["calibrated"] else "global (too few known positives)"
+        print(f"  {c['name']:<24} threshold {c['threshold']:.3f}  {how}, {c['val_positives']} known positives on val")
+    before, after = out["test"]["before"], out["test"]["after"]
+    print(f"test CF1 {before['CF1']:.2f} -> {after['CF1']:.2f}, OF1 {before['OF1']:.2f} -> {after['OF1']:.2f} "
+          f"(0.5 -> calibrated); pushed version {out['version']}"
+          f"{' (current)' if out['current'] else ' (not current: release with sarl vocab rollback)'}")
+    return 0
+
+
+def _complete(args: argparse.Namespace) -> int:
+    import json
+
+    from .platform import storage
+    from .platform.complete import DEFAULT_BAND, run_complete
+    from .platform.predict import PredictConfig, read_rows, run_predict
+
+    args = _with_config(args, {"band": DEFAULT_BAND, "suggest": 0}, ("checkpoint", "manifest", "output"))
+    if args is None:
+        return 2
+
+    predictions = args.predictions or f"{args.output}.predictions"
+    summary = run_predict(PredictConfig(checkpoint=args.checkpoint, input=args.manifest, output=predictions,
+                                        vocab_store=args.vocab_store, vocab_version=args.vocab_version,
+                                        format="jsonl", address=args.address))
+    rows = read_rows(predictions, "jsonl")
+    thresholds = json.loads(storage.read_text(storage.join(predictions, "thresholds.json")))
+    counts = run_complete(args.manifest, rows, thresholds, args.output, args.band, args.suggest)
+    print(f"{counts['images']} images ({summary['errors']} unreadable): of {counts['unknown_before']} unknown "
+          f"entries, {counts['predicted_present']} predicted present, {counts['predicted_absent']} absent, "
+          f"{counts['still_unknown']} still unknown (within {args.band} of the threshold); annotated entries "
+          f"unchanged. Written: {counts['output']}"
+          + (f"; the {counts['suggested']} to annotate next: {counts['suggest_file']}" if args.suggest else ""))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .platform.serve import ServeConfig, read_serve_config, serve_forever, with_gpus
 
@@ -191,6 +284,52 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpus", type=float, help="GPUs per replica (0: CPU); default: the config's")
     serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     serve.set_defaults(func=_serve)
+
+    predict = sub.add_parser("predict", help="label a collection on Ray Data (resumable; the scores Serve gives)")
+    predict.add_argument("--config", help="YAML with any of the options below (flags override it)")
+    predict.add_argument("--checkpoint", help="checkpoint directory, s3:// URI, or alias file")
+    predict.add_argument("--input", help="image folder, s3:// prefix, or a .jsonl/.csv manifest")
+    predict.add_argument("--output", help="output folder or s3:// prefix (shards, errors, summary.json)")
+    predict.add_argument("--vocab-store", help="score under a vocabulary store's version (default: the checkpoint's)")
+    predict.add_argument("--vocab-version", help="that version (default: the store's current one)")
+    predict.add_argument("--format", choices=["parquet", "jsonl"])
+    predict.add_argument("--batch-size", type=int, help="images per forward in a scoring actor (default 32)")
+    predict.add_argument("--actors", type=int, help="scoring actors, each with the model loaded once (default 1)")
+    predict.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    predict.add_argument("--cpus-per-actor", type=float, help="default: 1 on CPU actors, 0 beside a GPU")
+    predict.add_argument("--decode-cpus", type=float, help="CPUs per decode task (default 1)")
+    predict.add_argument("--shard-size", type=int, help="rows per output file (default 1000)")
+    predict.add_argument("--overwrite", action="store_true", default=None, help="delete earlier output first")
+    predict.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    predict.set_defaults(func=_predict)
+
+    calibrate = sub.add_parser("calibrate", help="per-category thresholds from the validation split, pushed as a "
+                                                 "new vocabulary version")
+    calibrate.add_argument("--config", help="YAML with any of the options below (flags override it)")
+    calibrate.add_argument("--checkpoint", help="checkpoint directory or s3:// URI")
+    calibrate.add_argument("--vocab-store", help="store to push the calibrated version to")
+    calibrate.add_argument("--version", help="the new version's name (default: <current>-calibrated)")
+    calibrate.add_argument("--min-positives", type=int,
+                           help="known positives on val below which a category keeps the global threshold")
+    calibrate.add_argument("--no-current", action="store_true", default=None,
+                           help="push without moving the current pointer")
+    calibrate.add_argument("--data", nargs="*", metavar="KEY=VALUE",
+                           help="job overrides for the data, e.g. data.root=/data/voc")
+    calibrate.set_defaults(func=_calibrate)
+
+    complete = sub.add_parser("complete", help="fill the unknown entries of a manifest from predictions; "
+                                               "--suggest N: what to annotate next")
+    complete.add_argument("--config", help="YAML with any of the options below (flags override it)")
+    complete.add_argument("--checkpoint", help="checkpoint directory, s3:// URI, or alias file")
+    complete.add_argument("--manifest", help=".jsonl/.csv manifest with 'unknown' lists")
+    complete.add_argument("--output", help="the completed manifest (.jsonl)")
+    complete.add_argument("--vocab-store", help="thresholds and names from this store's version")
+    complete.add_argument("--vocab-version", help="that version (default: current)")
+    complete.add_argument("--band", type=float, help="unsure within threshold +- band: stays unknown (0.15)")
+    complete.add_argument("--suggest", type=int, metavar="N", help="write the N most uncertain entries")
+    complete.add_argument("--predictions", help="where the predictions go (default: <output>.predictions/)")
+    complete.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    complete.set_defaults(func=_complete)
 
     add_vocab_parser(sub)
     return parser

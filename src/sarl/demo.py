@@ -48,6 +48,8 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] = (),
     chance = runs[0]["test_chance_mAP"]
     print(f"\nchance level (mAP of random scores on the test set): {chance:.2f}")
     print(f"per-class AP plot: {png}\ntables: {output_dir}/table.md, table.csv")
+    collection = write_collection(output_dir / "collection")
+    print(f"a partially labelled collection to label (jobs/predict.yaml, jobs/complete.yaml): {collection}")
     if serve:
         from .demo_serve import serve_demo
 
@@ -57,4 +59,16 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: list[str] = (),
     return table
 
 
-__all__ = ["DEMO_JOB", "run_demo"]
+def write_collection(folder: Path, num_images: int = 200, known: float = 0.3) -> Path:
+    """Generated images like the demo's (another stream) with a manifest where 70% of the entries are unknown."""
+    import numpy as np
+
+    from .model.data.synthetic import SyntheticShapes
+
+    data = SyntheticShapes(num_images, image_size=DEMO_JOB["data"]["options"]["image_size"], seed=7,
+                           split="collection")
+    data.labels[np.random.default_rng(7).random(data.labels.shape) > known] = -1
+    return data.write_to(folder)
+
+
+__all__ = ["DEMO_JOB", "run_demo", "write_collection"]

@@ -23,6 +23,7 @@ from .model.checkpoint import MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE
 from .model.data import SyntheticShapes
 from .model.vocabulary import Category, Vocabulary
 from .platform import storage
+from .platform.train import JOB_FILE
 from .platform.vocab_store import VocabStore
 
 PORT = 8000
@@ -92,7 +93,8 @@ def serve_demo(checkpoint: str, output_dir: str | Path, image_size: int = 64) ->
     shutil.rmtree(serve_dir, ignore_errors=True)
     local = storage.local_copy(checkpoint)
     (serve_dir / "checkpoint").mkdir(parents=True)
-    for name in (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE):  # the training state stays with the run
+    # the training state stays with the run; job.yaml comes along for `sarl calibrate` (jobs/calibrate.yaml)
+    for name in (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE, JOB_FILE):
         shutil.copy2(Path(local) / name, serve_dir / "checkpoint" / name)
     store = VocabStore(serve_dir / "vocab_store")
     trained = Vocabulary.load(serve_dir / "checkpoint" / VOCAB_FILE)

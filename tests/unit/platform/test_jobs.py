@@ -10,7 +10,8 @@ from sarl.platform.job import load_job
 from sarl.platform.tune import load_sweep, trial_job
 
 FILES = sorted((Path(__file__).resolve().parents[3] / "jobs").glob("*.yaml"))
-JOBS = [p for p in FILES if not p.name.startswith("sweep_")]
+COMMANDS = {"predict.yaml": "predict", "calibrate.yaml": "calibrate", "complete.yaml": "complete"}  # --config files
+JOBS = [p for p in FILES if not p.name.startswith("sweep_") and p.name not in COMMANDS]
 SWEEPS = [p for p in FILES if p.name.startswith("sweep_")]
 
 
@@ -51,3 +52,15 @@ def test_trial_job_applies_only_active_conditional_parameters():
         "margin": 0.1, "gamma_neg": 3.0}
     assert trial_job(base, space, {"loss.name": "wan"}).loss.params == {}
 
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_config_files_name_only_known_options_and_every_required_one(name):
+    from sarl.cli import _with_config, build_parser
+
+    path = next(p for p in FILES if p.name == name)
+    args = build_parser().parse_args([COMMANDS[name], "--config", str(path)])
+    assert _with_config(args, {}, ()) is not None  # no unknown key
+    required = {"predict": ("checkpoint", "input", "output"), "calibrate": ("checkpoint", "vocab_store"),
+                "complete": ("checkpoint", "manifest", "output")}[COMMANDS[name]]
+    assert all(getattr(args, key) for key in required)

@@ -1,0 +1,200 @@
+"""Closing the gaps in partial labels: calibrated thresholds (``sarl calibrate``), completion of the unknown
+entries of a manifest (``sarl complete``), and what to annotate next (``sarl complete --suggest N``).
+
+**Thresholds.** For each category, the threshold that maximises F1 over the validation split's *known* entries
+(the split is partially labelled, like training), among the scores of those entries. A category with fewer than
+``min_positives`` known positives keeps the global threshold (its F1 curve is a few points: a threshold picked
+on it would be noise). The thresholds are pushed as a new vocabulary version, so Serve, ``sarl predict`` and
+``sarl complete`` use them; ``sarl calibrate`` reports CF1 / OF1 on the test split at 0.5 and at the new
+thresholds.
+
+**Completion.** Only unknown entries change. An unknown entry becomes present when its score is at least
+``threshold + band``, absent when at most ``threshold - band``, and stays unknown in between: the band (default
+0.15) is where the model is unsure. Annotated entries (present, or absent: a manifest's category not listed as
+present or unknown) are copied unchanged. Each output line keeps ``labels`` / ``unknown`` (so it is a manifest
+training reads) and adds ``entries``: ``{category: {"state": 1 | 0 | -1, "source": "annotated" | "predicted" |
+"unsure", "score": p}}``.
+
+**What to annotate next.** The N unknown entries whose scores lie closest to their category's threshold
+(smallest ``|p - threshold|``, uncertainty sampling by margin): the model's decision there is the least
+settled, so a label there is most likely to change a prediction and, once trained on, the boundary. The file
+is a CSV an annotation tool can load: ``path, category, score, threshold``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import storage
+
+DEFAULT_BAND = 0.15
+DEFAULT_MIN_POSITIVES = 5
+
+
+# ------------------------------------------------------------------------------------------------ thresholds
+def best_f1_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """``(threshold, F1)`` maximising F1 of ``scores >= threshold`` over known entries (targets 1 / 0; -1 unknown).
+
+    The candidates are the known entries' scores; ties in F1 go to the higher threshold (fewer positives).
+    """
+    known = targets >= 0
+    s, t = scores[known], targets[known] == 1
+    positives = int(t.sum())
+    if positives == 0:
+        return 1.0, 0.0
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    tp = np.cumsum(t)
+    predicted = np.arange(1, len(s) + 1)
+    # a cut between equal scores is not a threshold: keep the last index of each run of equal scores
+    last = np.r_[s[1:] != s[:-1], True]
+    f1 = np.where(last, 2 * tp / (predicted + positives), -1.0)
+    best = int(np.flatnonzero(f1 == f1.max())[0])
+    return float(s[best]), float(f1[best])
+
+
+@dataclass
+class Calibration:
+    thresholds: list[float]  # per trained category
+    calibrated: list[bool]  # False: too few known positives, the global threshold kept
+    positives: list[int]  # known positives per category on the validation split
+
+
+def calibrate_thresholds(probs: np.ndarray, targets: np.ndarray, min_positives: int = DEFAULT_MIN_POSITIVES,
+                         default: float = 0.5) -> Calibration:
+    out = Calibration([], [], [])
+    for c in range(probs.shape[1]):
+        positives = int((targets[:, c] == 1).sum())
+        out.positives.append(positives)
+        if positives < min_positives:
+            out.thresholds.append(default)
+            out.calibrated.append(False)
+            continue
+        threshold, _ = best_f1_threshold(probs[:, c], targets[:, c])
+        out.thresholds.append(round(threshold, 6))
+        out.calibrated.append(True)
+    return out
+
+
+def f1_at(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | float) -> dict[str, float]:
+    """CF1 / OF1 (and CP, CR, OP, OR) with one threshold per category (or one for all)."""
+    from ..model.metrics import f1_scores
+
+    shifted = torch.from_numpy(probs - np.asarray(thresholds, dtype=probs.dtype) + 0.5)  # p >= t  <=>  p - t + .5 >= .5
+    return {k: float(v) for k, v in f1_scores(shifted, torch.from_numpy(targets)).items()}
+
+
+def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), version: str | None = None,
+                  min_positives: int = DEFAULT_MIN_POSITIVES, make_current: bool = True) -> dict[str, Any]:
+    """Pick thresholds on the validation split, push them as a new version; CF1 / OF1 on test before and after."""
+    from ..model.serving import match_trained
+    from ..model.vocabulary import Vocabulary
+    from .evaluate import checkpoint_job, score_shard
+    from .vocab_store import VocabStore
+
+    local = storage.local_copy(checkpoint)
+    job = checkpoint_job(checkpoint, list(overrides))
+    val = score_shard(Path(local), job, "val")
+    test = score_shard(Path(local), job, "test")
+    val_p, test_p = (torch.from_numpy(s["logits"]).float().sigmoid().numpy() for s in (val, test))  # as served
+    calibration = calibrate_thresholds(val_p, val["targets"], min_positives)
+    thresholds = np.array(calibration.thresholds)
+    report = {"before": f1_at(test_p, test["targets"], 0.5), "after": f1_at(test_p, test["targets"], thresholds)}
+    store = VocabStore(vocab_store)
+    base = store.load() if store.current_version() else None
+    from ..model.checkpoint import read_checkpoint_meta
+
+    _, trained, _ = read_checkpoint_meta(local)
+    base = base or Vocabulary(list(trained.categories), version=trained.version)
+    rows, problems = match_trained(base, trained)
+    if problems:
+        raise ValueError("the store's current vocabulary does not match the checkpoint: " + "; ".join(problems))
+    categories = [dataclasses.replace(c, threshold=float(thresholds[row]))
+                  if row is not None and calibration.calibrated[row] else c for c, row in zip(base.categories, rows)]
+    new = Vocabulary(categories, version=version or f"{base.version}-calibrated")
+    store.push(new, make_current=make_current)
+    return {"version": new.version, "base_version": base.version, "current": make_current,
+            "categories": [{"name": c.name, "threshold": t, "calibrated": ok, "val_positives": n}
+                           for c, t, ok, n in zip(trained.categories, calibration.thresholds, calibration.calibrated,
+                                                  calibration.positives)],
+            "test": report}
+
+
+# ------------------------------------------------------------------------------------------------ completion
+def complete_entries(annotated: list[str], unknown: list[str], scores: dict[str, float],
+                     thresholds: dict[str, float], band: float = DEFAULT_BAND) -> dict[str, dict[str, Any]]:
+    """Every category's entry for one image: annotated ones as given, unknown ones from the scores."""
+    entries = {}
+    for name, threshold in thresholds.items():
+        score = scores.get(name)
+        if name in unknown:
+            if score is not None and score >= threshold + band:
+                entries[name] = {"state": 1, "source": "predicted", "score": score}
+            elif score is not None and score <= threshold - band:
+                entries[name] = {"state": 0, "source": "predicted", "score": score}
+            else:
+                entries[name] = {"state": -1, "source": "unsure", "score": score}
+        else:
+            entries[name] = {"state": 1 if name in annotated else 0, "source": "annotated", "score": score}
+    return entries
+
+
+def run_complete(manifest: str, predictions: list[dict[str, Any]], thresholds: dict[str, float], output: str,
+                 band: float = DEFAULT_BAND, suggest: int = 0, suggest_output: str | None = None) -> dict[str, Any]:
+    """Write the completed manifest (and the suggestions CSV); returns counts."""
+    from ..model.data.manifest import read_manifest
+
+    by_path = {p["path"]: p for p in predictions}
+    base = Path(storage.local_copy(manifest) if storage.is_s3(manifest) else manifest)
+    root = base.resolve().parent
+    lines, uncertain = [], []
+    counts = {"images": 0, "unscored": 0, "unknown_before": 0, "predicted_present": 0, "predicted_absent": 0,
+              "still_unknown": 0}
+    for row in read_manifest(base):
+        counts["images"] += 1
+        counts["unknown_before"] += len(row.unknown)
+        key = row.path if Path(row.path).is_absolute() or storage.is_s3(row.path) else str(root / row.path)
+        prediction = by_path.get(key)
+        if prediction is None:  # unreadable (in the errors file): nothing to fill
+            counts["unscored"] += 1
+        entries = complete_entries(row.labels, row.unknown, (prediction or {}).get("scores", {}), thresholds, band)
+        for name, e in entries.items():
+            if e["source"] == "predicted":
+                counts["predicted_present" if e["state"] == 1 else "predicted_absent"] += 1
+            elif e["source"] == "unsure":
+                counts["still_unknown"] += 1
+                if e["score"] is not None:
+                    uncertain.append((abs(e["score"] - thresholds[name]), row.path, name, e["score"],
+                                      thresholds[name]))
+        # names the vocabulary does not serve are kept as annotated: present, or unknown
+        lines.append(json.dumps({"path": row.path,
+                                 "labels": [n for n in row.labels if n not in entries]
+                                 + [n for n, e in entries.items() if e["state"] == 1],
+                                 "unknown": [n for n in row.unknown if n not in entries]
+                                 + [n for n, e in entries.items() if e["state"] == -1],
+                                 "entries": entries}))
+    storage.write_text(output, "\n".join(lines) + "\n")
+    if suggest:
+        uncertain.sort(key=lambda u: (u[0], u[1], u[2]))
+        out = suggest_output or str(Path(output).with_suffix("")) + "-suggest.csv"
+        buffer = [["path", "category", "score", "threshold"]]
+        buffer += [[p, c, f"{s:.6f}", f"{t:.6f}"] for _, p, c, s, t in uncertain[:suggest]]
+        text = io.StringIO()
+        csv.writer(text).writerows(buffer)
+        storage.write_text(out, text.getvalue())
+        counts["suggested"], counts["suggest_file"] = min(suggest, len(uncertain)), out
+    counts["output"] = output
+    return counts
+
+
+__all__ = ["Calibration", "best_f1_threshold", "calibrate_thresholds", "complete_entries", "f1_at",
+           "run_calibrate", "run_complete"]

@@ -1,0 +1,342 @@
+"""``sarl predict``: label a whole collection on Ray Data, resumable, with the scores Serve gives.
+
+    sarl predict --checkpoint URI --input DIR|s3://prefix|MANIFEST --output PATH|s3://prefix
+                 [--vocab-store URI [--vocab-version V]] [--format parquet|jsonl] [--overwrite]
+
+The pipeline: the image paths (a folder or an ``s3://`` prefix, recursively, by image suffix; or a manifest's
+``path`` column, relative to the manifest) -> read and decode on CPU tasks (``serve_io.decode_image`` and the
+model's transform, as for a request) -> score in an actor pool that loads the model once per actor
+(``ActorPoolStrategy``; a GPU per actor when the cluster has GPUs) with ``scoring.ImageScorer``, Serve's code:
+an image's scores equal ``POST /v1/predict``'s for the same checkpoint and vocabulary version.
+
+The output is a folder of shards, each written whole (S3 PUT, or a local write and rename) once its rows are
+scored::
+
+    <output>/part-00000.parquet     path, scores {category: p}, labels (at or above each category's threshold),
+                                    vocabulary_version, model_id, model_digest
+    <output>/errors-00000.jsonl     {"path", "reason"} for the images of that shard that could not be read
+    <output>/summary.json           counts, images/s, the model and vocabulary version
+    <output>/thresholds.json        {category: threshold} of that vocabulary version
+
+A rerun with the same output reads the shards present and scores only the images in none of them (resume after
+a crash: no duplicate row, no missing one); ``--overwrite`` deletes them first. An errors file counts only once
+its shard's rows file exists (it is written first).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ..model.checkpoint import read_checkpoint_meta
+from . import storage
+
+log = logging.getLogger("sarl.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+FORMATS = ("parquet", "jsonl")
+PART, ERRORS, SUMMARY = "part-{:05d}.{}", "errors-{:05d}.jsonl", "summary.json"
+RUN = "run.json"  # the model and vocabulary version of the rows, written first: a resumed run must match it
+THRESHOLDS = "thresholds.json"  # {category: threshold} of the version scored under (what `sarl complete` reads)
+
+
+class PredictError(ValueError):
+    """A user error of ``sarl predict``: bad input, mixed output formats."""
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str
+    input: str
+    output: str
+    vocab_store: str | None = None
+    vocab_version: str | None = None  # None: the store's current version
+    format: str = "parquet"
+    batch_size: int = 32  # images per forward in a scoring actor
+    actors: int = 1
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float | None = None  # None: 1 on CPU actors, 0 beside a GPU (decoding needs the CPUs)
+    decode_cpus: float = 1.0  # per decode task
+    shard_size: int = 1000  # rows per output file
+    max_image_pixels: int = 40_000_000
+    overwrite: bool = False
+    address: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ the inputs
+def list_inputs(source: str) -> list[str]:
+    """The image paths or URIs of a folder, an ``s3://`` prefix (recursively, by suffix) or a manifest."""
+    suffix = PurePosixPath(source).suffix.lower()
+    if suffix in (".jsonl", ".csv"):
+        return _manifest_paths(source)
+    if not storage.is_s3(source) and not Path(source).is_dir():
+        raise PredictError(f"--input {source}: not a folder, an s3:// prefix, or a .jsonl/.csv manifest")
+    files = [f for f in storage.list_files(source) if PurePosixPath(f).suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise PredictError(f"--input {source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    if storage.is_s3(source):
+        return [storage.join(source, f) for f in files]
+    return [str(Path(source).resolve() / f) for f in files]
+
+
+def _manifest_paths(source: str) -> list[str]:
+    from ..model.data.manifest import read_manifest
+
+    local = storage.local_copy(source) if storage.is_s3(source) else Path(source)
+    rows = read_manifest(local)
+    base = source.rsplit("/", 1)[0] if storage.is_s3(source) else str(Path(source).resolve().parent)
+    out = []
+    for row in rows:
+        path = row.path
+        if storage.is_s3(path) or Path(path).is_absolute():
+            out.append(path)
+        else:
+            out.append(storage.join(base, path) if storage.is_s3(base) else str(Path(base) / path))
+    if not out:
+        raise PredictError(f"--input {source}: the manifest lists no image")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the output
+def _parts(output: str) -> dict[int, str]:
+    names = storage.list_dir(output) if storage.exists(output) else []
+    parts = {}
+    for name in names:
+        if name.startswith("part-") and name.count(".") == 1:
+            index, fmt = name[5:].split(".")
+            if index.isdigit() and fmt in FORMATS:
+                parts[int(index)] = name
+    return parts
+
+
+def done_paths(output: str, fmt: str) -> tuple[set[str], set[str], int]:
+    """Paths already written (rows, and errors of complete shards), and the next free shard number."""
+    parts = _parts(output)
+    other = sorted({name.rsplit(".", 1)[1] for name in parts.values()} - {fmt})
+    if other:
+        raise PredictError(f"{output} holds {other[0]} shards; rerun with --format {other[0]}, or --overwrite")
+    rows, errors = set(), set()
+    for index, name in parts.items():
+        rows |= set(_read_paths(storage.join(output, name), fmt))
+        errors_uri = storage.join(output, ERRORS.format(index))
+        if storage.exists(errors_uri):
+            errors |= {json.loads(line)["path"] for line in storage.read_text(errors_uri).splitlines() if line}
+    return rows, errors, (max(parts) + 1 if parts else 0)
+
+
+def _read_paths(uri: str, fmt: str) -> list[str]:
+    data = storage.read_bytes(uri)
+    if fmt == "jsonl":
+        return [json.loads(line)["path"] for line in data.decode().splitlines() if line.strip()]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data), columns=["path"]).column("path").to_pylist()
+
+
+def _write_shard(output: str, index: int, rows: list[dict[str, Any]], errors: list[dict[str, str]],
+                 fmt: str) -> None:
+    """The errors file, then the rows file: the rows file's presence marks the shard complete."""
+    if errors:
+        storage.write_text(storage.join(output, ERRORS.format(index)),
+                           "".join(json.dumps(e) + "\n" for e in errors))
+    if fmt == "jsonl":
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        data = buffer.getvalue()
+    storage.write_bytes(storage.join(output, PART.format(index, fmt)), data)
+
+
+def _clear(output: str) -> None:
+    for name in storage.list_dir(output) if storage.exists(output) else []:
+        if name.startswith(("part-", "errors-")) or name in (SUMMARY, THRESHOLDS, RUN):
+            storage.delete(storage.join(output, name))
+
+
+def _drop_orphan_errors(output: str) -> None:
+    """Errors files whose shard never got its rows file (a crash between the two writes)."""
+    parts = _parts(output)
+    for name in storage.list_dir(output) if storage.exists(output) else []:
+        if name.startswith("errors-") and name[7:12].isdigit() and int(name[7:12]) not in parts:
+            storage.delete(storage.join(output, name))
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, mean: Any, std: Any,
+                 max_pixels: int) -> dict[str, np.ndarray]:
+    """Read and preprocess a batch of paths (a CPU task): ``image`` (N, 3, S, S) float32, and ``error`` ("" when
+    the image was read), exactly as a prediction request's image is."""
+    from ..model.data.transforms import build_transforms
+    from .serve_io import RequestError, decode_image
+
+    transform = build_transforms(image_size, mean, std, train=False)
+    images, errors = [], []
+    for path in batch["path"]:
+        try:
+            images.append(transform(decode_image(storage.read_bytes(str(path)), max_pixels)).numpy())
+            errors.append("")
+            continue
+        except RequestError as e:
+            errors.append(e.message)
+        except OSError as e:  # unreadable file: gone, permissions, the store
+            errors.append(f"cannot read: {type(e).__name__}: {e}")
+        images.append(np.zeros((3, image_size, image_size), np.float32))
+    return {"path": batch["path"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
+
+
+class Score:
+    """A scoring actor: the model loaded once (``ImageScorer``), the vocabulary bound once."""
+
+    def __init__(self, checkpoint: str, resolved: dict[str, str], vocab_store: str | None,
+                 vocab_version: str | None, device: str) -> None:
+        import torch
+
+        from .scoring import ImageScorer
+
+        torch.set_grad_enabled(False)
+        self.scorer = ImageScorer(checkpoint, device, resolved=resolved)  # the model the driver identified
+        vocabulary = self.scorer.model.vocabulary
+        if vocab_store:
+            from .vocab_store import VocabStore
+
+            vocabulary = VocabStore(vocab_store).load(vocab_version)
+        self.bound = self.scorer.bind(vocabulary)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        images = [torch.tensor(batch["image"][i]) for i in ok]  # copies: Ray's batch arrays are read-only
+        probs = self.scorer.score(self.bound, images) if ok else []
+        categories = self.bound.vocabulary.categories
+        scores, labels = [None] * len(batch["path"]), [None] * len(batch["path"])
+        for i, row in zip(ok, probs):
+            enabled = [(c, p) for c, p in zip(categories, row) if c.enabled]
+            scores[i] = json.dumps({c.name: round(p, 6) for c, p in enabled})
+            labels[i] = json.dumps([c.name for c, p in enabled if p >= c.threshold])
+        return {"path": batch["path"], "error": batch["error"], "scores": np.array(scores, dtype=object),
+                "labels": np.array(labels, dtype=object)}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run_predict(config: PredictConfig) -> dict[str, Any]:
+    """Score every image of ``config.input`` not yet in ``config.output``; returns the summary."""
+    import ray
+
+    from .aliases import served_checkpoint
+    from .train import init_ray
+
+    if config.format not in FORMATS:
+        raise PredictError(f"--format must be one of {', '.join(FORMATS)}")
+    paths = list_inputs(config.input)
+    if config.overwrite:
+        _clear(config.output)
+    _drop_orphan_errors(config.output)
+    written, failed, shard = done_paths(config.output, config.format)
+    pending = [p for p in paths if p not in written and p not in failed]
+    served = served_checkpoint(config.checkpoint)
+    model_cfg, _, _ = read_checkpoint_meta(served.local)
+    vocabulary = _vocabulary(config, served)
+    version = vocabulary.version
+    _check_same_run(config.output, served.digest, version)
+    storage.write_text(storage.join(config.output, RUN), json.dumps(
+        {"model_id": served.model_id, "model_digest": served.digest, "vocabulary_version": version}) + "\n")
+    thresholds = {c.name: c.threshold for c in vocabulary.categories if c.enabled}
+    storage.write_text(storage.join(config.output, THRESHOLDS), json.dumps(thresholds, indent=1) + "\n")
+    log.info("%d images, %d already written, %d to score", len(paths), len(paths) - len(pending), len(pending))
+    started = time.perf_counter()
+    new_rows = new_errors = 0
+    if pending:
+        init_ray(config.address)
+        gpus = config.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        ds = ray.data.from_items([{"path": p} for p in pending],
+                                 override_num_blocks=max(1, min(len(pending) // config.batch_size, 200)))
+        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": model_cfg.image_size, "mean": model_cfg.mean,
+                                                     "std": model_cfg.std, "max_pixels": config.max_image_pixels},
+                            batch_size=config.batch_size, num_cpus=config.decode_cpus)  # tasks, on every CPU
+        resolved = {"checkpoint": served.uri, "digest": served.digest, "model_id": served.model_id}
+        ds = ds.map_batches(Score, fn_constructor_args=(config.checkpoint, resolved, config.vocab_store, version,
+                                                        "cuda" if gpus > 0 else "cpu"),
+                            batch_size=config.batch_size, num_gpus=gpus,
+                            num_cpus=config.cpus_per_actor if config.cpus_per_actor is not None else
+                            (0 if gpus > 0 else 1),
+                            compute=ray.data.ActorPoolStrategy(size=config.actors))
+        rows: list[dict[str, Any]] = []
+        errors: list[dict[str, str]] = []
+        for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+            for path, error, scores, labels in zip(batch["path"], batch["error"], batch["scores"], batch["labels"]):
+                if error:
+                    errors.append({"path": str(path), "reason": str(error)})
+                else:
+                    rows.append({"path": str(path), "scores": json.loads(scores), "labels": json.loads(labels),
+                                 "vocabulary_version": version, "model_id": served.model_id,
+                                 "model_digest": served.digest})
+            if len(rows) + len(errors) >= config.shard_size:
+                _write_shard(config.output, shard, rows, errors, config.format)
+                new_rows, new_errors, shard = new_rows + len(rows), new_errors + len(errors), shard + 1
+                rows, errors = [], []
+        if rows or errors:
+            _write_shard(config.output, shard, rows, errors, config.format)
+            new_rows, new_errors = new_rows + len(rows), new_errors + len(errors)
+    seconds = time.perf_counter() - started
+    summary = {"images": len(paths), "written": len(written) + new_rows, "errors": len(failed) + new_errors,
+               "this_run": {"scored": new_rows, "errors": new_errors, "seconds": round(seconds, 2),
+                            "images_per_s": round((new_rows + new_errors) / seconds, 2) if seconds > 0 else None},
+               "skipped_already_written": len(paths) - len(pending),
+               "model": {"id": served.model_id, "digest": served.digest}, "vocabulary_version": version,
+               "output": config.output, "format": config.format}
+    storage.write_text(storage.join(config.output, SUMMARY), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _vocabulary(config: PredictConfig, served: Any) -> Any:
+    """The vocabulary scored under: the store's version (named, or current) or the checkpoint's own."""
+    if config.vocab_store:
+        from .vocab_store import VocabStore
+
+        return VocabStore(config.vocab_store).load(config.vocab_version)
+    if config.vocab_version:
+        raise PredictError("--vocab-version needs --vocab-store")
+    _, vocabulary, _ = read_checkpoint_meta(served.local)
+    return vocabulary
+
+
+def _check_same_run(output: str, digest: str, version: str) -> None:
+    """A resumed output must come from the same model and vocabulary version (else its rows would mix)."""
+    uri = storage.join(output, RUN)
+    if _parts(output) and storage.exists(uri):
+        before = json.loads(storage.read_text(uri))
+        if (before["model_digest"], before["vocabulary_version"]) != (digest, version):
+            raise PredictError(f"{output} holds rows of model {before['model_id']} under vocabulary "
+                               f"{before['vocabulary_version']}, not of this model and version {version}: give "
+                               f"another --output, or --overwrite")
+
+
+def read_rows(output: str, fmt: str = "parquet") -> list[dict[str, Any]]:
+    """Every row of every shard of an output folder."""
+    rows: list[dict[str, Any]] = []
+    for _, name in sorted(_parts(output).items()):
+        data = storage.read_bytes(storage.join(output, name))
+        if fmt == "jsonl":
+            rows += [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        else:
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(io.BytesIO(data)).to_pylist()
+    return rows
+
+
+__all__ = ["PredictConfig", "PredictError", "done_paths", "list_inputs", "read_rows", "run_predict"]

@@ -1,0 +1,153 @@
+"""``sarl predict`` on the real local cluster: a folder of generated images with corrupt files and the cards_voc
+photos, an S3 prefix in moto's bucket with the output written back to S3, scores equal to ``/v1/predict``'s, and
+a run killed part-way then rerun (no duplicate row, no missing one)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from sarl.model import Category, Vocabulary, create_model
+from sarl.model.checkpoint import checkpoint_digest, save_checkpoint
+from sarl.platform import storage
+from sarl.platform.predict import PredictConfig, read_rows, run_predict
+
+from serving import CARDS, first_vocabulary, start_app
+
+pytestmark = pytest.mark.integration
+
+CORRUPT = {"truncated.jpg": "cannot decode", "text.jpg": "cannot decode", "empty.png": "empty"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(3)
+    model = create_model("tiny", Vocabulary([Category(n) for n in CARDS], version="trained"))
+    return save_checkpoint(model, tmp_path_factory.mktemp("predict") / "checkpoint", extra={"epoch": 7})
+
+
+def make_folder(root: Path, n: int, cards: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """``n`` generated PNGs in two subfolders, the corrupt files, and (if given) 4 cards_voc photos."""
+    good = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = root / f"sub{i % 2}" / f"img{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+        good.append(path)
+    if cards is not None:
+        for photo in sorted((cards / "test").glob("*.JPG"))[:4]:
+            good.append(Path(shutil.copy(photo, root / photo.name)))
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
+    (root / "text.jpg").write_text("not an image at all\n")
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image suffix: not listed\n")
+    return good, [root / name for name in CORRUPT]
+
+
+def read_errors(output: str) -> list[dict]:
+    return [json.loads(line) for name in storage.list_dir(output) if name.startswith("errors-")
+            for line in storage.read_text(storage.join(output, name)).splitlines() if line]
+
+
+def test_a_folder_with_corrupt_files_and_real_photos_scores_as_serve_does(ray_cluster, checkpoint, cards_voc,
+                                                                           tmp_path):
+    from ray import serve
+
+    good, corrupt = make_folder(tmp_path / "images", 20, cards_voc)
+    app = start_app("predict-check", checkpoint, str(tmp_path / "store"), replicas=1)  # pushes version "1"
+    output = str(tmp_path / "out")
+    try:
+        summary = run_predict(PredictConfig(checkpoint=str(checkpoint), input=str(tmp_path / "images"),
+                                            output=output, vocab_store=str(tmp_path / "store"), format="jsonl",
+                                            batch_size=8, shard_size=10))
+        rows = read_rows(output, "jsonl")
+        assert sorted(r["path"] for r in rows) == sorted(str(p) for p in good)
+        errors = {Path(e["path"]).name: e["reason"] for e in read_errors(output)}
+        assert set(errors) == set(CORRUPT)
+        for name, words in CORRUPT.items():
+            assert words in errors[name], (name, errors[name])
+        assert summary["images"] == len(good) + len(corrupt) and summary["written"] == len(good)
+        assert summary["errors"] == len(corrupt) and summary["this_run"]["images_per_s"] > 0
+        assert json.loads((tmp_path / "out" / "summary.json").read_text())["written"] == len(good)
+        digest = checkpoint_digest(checkpoint)
+        assert {(r["model_id"], r["model_digest"], r["vocabulary_version"]) for r in rows} == {
+            ("checkpoint:epoch-7", digest, "1")}
+        by_path = {r["path"]: r for r in rows}
+        for path in [good[0], good[7], *good[-4:]]:  # generated images and the photos
+            served = requests.post(f"{app.url}/v1/predict", data=path.read_bytes(), params={"threshold": 0.0},
+                                   headers={"Content-Type": "application/octet-stream"}, timeout=30).json()
+            assert by_path[str(path)]["scores"] == served["scores"], path.name  # both rounded to 6 decimals
+            thresholds = {c.name: c.threshold for c in first_vocabulary().categories}  # version 1's
+            assert sorted(by_path[str(path)]["labels"]) == sorted(n for n, p in served["scores"].items()
+                                                                  if p >= thresholds[n])
+    finally:
+        serve.delete("predict-check")
+
+
+def test_an_s3_prefix_in_and_parquet_out_to_s3(ray_cluster, checkpoint, s3_bucket, s3_server, tmp_path):
+    good, corrupt = make_folder(tmp_path / "images", 12)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for path in [*good, *corrupt]:
+        client.put_object(Bucket=s3_bucket, Key=f"photos/{path.relative_to(tmp_path / 'images').as_posix()}",
+                          Body=path.read_bytes())
+    output = f"s3://{s3_bucket}/labelled"
+    summary = run_predict(PredictConfig(checkpoint=str(checkpoint), input=f"s3://{s3_bucket}/photos",
+                                        output=output, batch_size=4, shard_size=5, actors=1))
+    rows = read_rows(output, "parquet")
+    expected = {f"s3://{s3_bucket}/photos/{p.relative_to(tmp_path / 'images').as_posix()}" for p in good}
+    assert sorted(r["path"] for r in rows) == sorted(expected) and len(rows) == len(expected)
+    assert {Path(e["path"]).name for e in read_errors(output)} == set(CORRUPT)
+    assert rows[0]["vocabulary_version"] == "trained" and set(rows[0]["scores"]) == set(CARDS)
+    assert summary["written"] == len(good) and storage.exists(f"{output}/summary.json")
+
+
+def test_a_run_killed_part_way_then_rerun_writes_every_image_once(ray_cluster, checkpoint, tmp_path):
+    import ray
+
+    good, corrupt = make_folder(tmp_path / "images", 150)
+    output = tmp_path / "out"
+    args = [str(Path(sys.executable).parent / "sarl"), "predict", "--checkpoint", str(checkpoint),
+            "--input", str(tmp_path / "images"), "--output", str(output), "--format", "jsonl",
+            "--batch-size", "4", "--shard-size", "8", "--address", ray.get_runtime_context().gcs_address]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(list(output.glob("part-*.jsonl"))) < 2:
+            assert first.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    before = read_rows(str(output), "jsonl")
+    assert 0 < len(before) < len(good), len(before)  # killed part-way
+    summary = run_predict(PredictConfig(checkpoint=str(checkpoint), input=str(tmp_path / "images"),
+                                        output=str(output), format="jsonl", batch_size=8, shard_size=16))
+    rows = read_rows(str(output), "jsonl")
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == len(good)  # no duplicate, none missing
+    assert set(paths) == {str(p) for p in good}
+    assert sorted(Path(e["path"]).name for e in read_errors(str(output))) == sorted(CORRUPT)
+    assert summary["skipped_already_written"] >= len(before)
+    # --overwrite starts over
+    again = run_predict(PredictConfig(checkpoint=str(checkpoint), input=str(tmp_path / "images"),
+                                      output=str(output), format="jsonl", overwrite=True, shard_size=200))
+    assert again["this_run"]["scored"] == len(good) and len(read_rows(str(output), "jsonl")) == len(good)
