@@ -156,15 +156,16 @@ def _with_config(args: argparse.Namespace, defaults: dict, required: tuple[str, 
 def _calibrate(args: argparse.Namespace) -> int:
     from .platform.complete import DEFAULT_MIN_POSITIVES, run_calibrate
 
-    args = _with_config(args, {"min_positives": DEFAULT_MIN_POSITIVES, "no_current": False, "data": []},
+    args = _with_config(args, {"min_positives": DEFAULT_MIN_POSITIVES, "no_current": False, "data": [],
+                               "out_of_fold": False},
                         ("checkpoint", "vocab_store"))
     if args is None:
         return 2
 
     out = run_calibrate(args.checkpoint, args.vocab_store, args.data, args.version, args.min_positives,
-                        make_current=not args.no_current)
+                        make_current=not args.no_current, out_of_fold=args.out_of_fold)
     for c in out["categories"]:
-        how = "calibrated" if c["calibrated"] else "global (too few known positives)"
+        how = "calibrated" if c["calibrated"] else f"global ({c['reason']})"
         print(f"  {c['name']:<24} threshold {c['threshold']:.3f}  {how}, {c['val_positives']} known positives on val")
     before, after = out["test"]["before"], out["test"]["after"]
     print(f"test CF1 {before['CF1']:.2f} -> {after['CF1']:.2f}, OF1 {before['OF1']:.2f} -> {after['OF1']:.2f} "
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="known positives on val below which a category keeps the global threshold")
     calibrate.add_argument("--no-current", action="store_true", default=None,
                            help="push without moving the current pointer")
+    calibrate.add_argument("--out-of-fold", action="store_true", default=None,
+                           help="keep a threshold only if one picked on half of val does not lose on the other half")
     calibrate.add_argument("--data", nargs="*", metavar="KEY=VALUE",
                            help="job overrides for the data, e.g. data.root=/data/voc")
     calibrate.set_defaults(func=_calibrate)

@@ -3,10 +3,15 @@ entries of a manifest (``sarl complete``), and what to annotate next (``sarl com
 
 **Thresholds.** For each category, the threshold that maximises F1 over the validation split's *known* entries
 (the split is partially labelled, like training), among the scores of those entries. A category with fewer than
-``min_positives`` known positives keeps the global threshold (its F1 curve is a few points: a threshold picked
-on it would be noise). The thresholds are pushed as a new vocabulary version, so Serve, ``sarl predict`` and
-``sarl complete`` use them; ``sarl calibrate`` reports CF1 / OF1 on the test split at 0.5 and at the new
-thresholds.
+``min_positives`` known positives keeps the global threshold (its F1 curve is a few points). Measured on the
+synthetic set: a model trained on 10% known labels goes from CF1 53.6 to 61.7 on test (the best thresholds
+picked on test itself give 63.6); a strong model whose probabilities are already calibrated at 0.5 (the demo's,
+CF1 97.3) loses about 1 point, its thresholds fitted to a few validation positives. ``out_of_fold`` (``sarl
+calibrate --out-of-fold``) keeps a threshold only if one picked on half of the known entries does not lose to
+0.5 on the other half: it protects such a model (no loss) but, on that few entries, also rejects most good
+thresholds (10% known: 55.9 instead of 61.7). The thresholds are pushed as a new vocabulary version, so
+Serve, ``sarl predict`` and ``sarl complete`` use them; ``sarl calibrate`` reports CF1 / OF1 on the test split
+at 0.5 and at the new thresholds: check them before releasing a staged version (``--no-current``).
 
 **Completion.** Only unknown entries change. An unknown entry becomes present when its score is at least
 ``threshold + band``, absent when at most ``threshold - band``, and stays unknown in between: the band (default
@@ -62,26 +67,57 @@ def best_f1_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, f
     return float(s[best]), float(f1[best])
 
 
+def f1_of(scores: np.ndarray, targets: np.ndarray, threshold: float) -> float:
+    """F1 of ``scores >= threshold`` over the known entries."""
+    known = targets >= 0
+    predicted, positive = scores[known] >= threshold, targets[known] == 1
+    tp = int((predicted & positive).sum())
+    return 2 * tp / (int(predicted.sum()) + int(positive.sum())) if tp else 0.0
+
+
+def out_of_fold_gain(scores: np.ndarray, targets: np.ndarray, default: float) -> float:
+    """F1 gained over ``default`` by a threshold picked on one half of the known entries and judged on the other
+    (both ways, summed): negative when picking a threshold on this few entries overfits."""
+    known = np.flatnonzero(targets >= 0)
+    halves = known[0::2], known[1::2]
+    gain = 0.0
+    for pick, judge in (halves, halves[::-1]):
+        threshold, _ = best_f1_threshold(scores[pick], targets[pick])
+        gain += f1_of(scores[judge], targets[judge], threshold) - f1_of(scores[judge], targets[judge], default)
+    return gain
+
+
 @dataclass
 class Calibration:
     thresholds: list[float]  # per trained category
-    calibrated: list[bool]  # False: too few known positives, the global threshold kept
+    calibrated: list[bool]  # False: the global threshold kept (too few known positives, or no out-of-fold gain)
     positives: list[int]  # known positives per category on the validation split
+    reasons: list[str]
 
 
 def calibrate_thresholds(probs: np.ndarray, targets: np.ndarray, min_positives: int = DEFAULT_MIN_POSITIVES,
-                         default: float = 0.5) -> Calibration:
-    out = Calibration([], [], [])
+                         default: float = 0.5, out_of_fold: bool = False) -> Calibration:
+    """Each category's F1-best threshold on the known entries, kept with at least ``min_positives`` known
+    positives (and with ``out_of_fold``, only when a threshold picked on half of the entries does not lose to
+    ``default`` on the other half)."""
+    out = Calibration([], [], [], [])
     for c in range(probs.shape[1]):
         positives = int((targets[:, c] == 1).sum())
         out.positives.append(positives)
+        reason = None
         if positives < min_positives:
+            reason = f"{positives} known positives, under {min_positives}"
+        elif out_of_fold and out_of_fold_gain(probs[:, c], targets[:, c], default) < 0:
+            reason = "no gain out of fold"
+        if reason:
             out.thresholds.append(default)
             out.calibrated.append(False)
+            out.reasons.append(reason)
             continue
         threshold, _ = best_f1_threshold(probs[:, c], targets[:, c])
         out.thresholds.append(round(threshold, 6))
         out.calibrated.append(True)
+        out.reasons.append("calibrated")
     return out
 
 
@@ -94,7 +130,8 @@ def f1_at(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | float
 
 
 def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), version: str | None = None,
-                  min_positives: int = DEFAULT_MIN_POSITIVES, make_current: bool = True) -> dict[str, Any]:
+                  min_positives: int = DEFAULT_MIN_POSITIVES, make_current: bool = True,
+                  out_of_fold: bool = False) -> dict[str, Any]:
     """Pick thresholds on the validation split, push them as a new version; CF1 / OF1 on test before and after."""
     from ..model.serving import match_trained
     from ..model.vocabulary import Vocabulary
@@ -106,7 +143,7 @@ def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), 
     val = score_shard(Path(local), job, "val")
     test = score_shard(Path(local), job, "test")
     val_p, test_p = (torch.from_numpy(s["logits"]).float().sigmoid().numpy() for s in (val, test))  # as served
-    calibration = calibrate_thresholds(val_p, val["targets"], min_positives)
+    calibration = calibrate_thresholds(val_p, val["targets"], min_positives, out_of_fold=out_of_fold)
     thresholds = np.array(calibration.thresholds)
     report = {"before": f1_at(test_p, test["targets"], 0.5), "after": f1_at(test_p, test["targets"], thresholds)}
     store = VocabStore(vocab_store)
@@ -123,9 +160,10 @@ def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), 
     new = Vocabulary(categories, version=version or f"{base.version}-calibrated")
     store.push(new, make_current=make_current)
     return {"version": new.version, "base_version": base.version, "current": make_current,
-            "categories": [{"name": c.name, "threshold": t, "calibrated": ok, "val_positives": n}
-                           for c, t, ok, n in zip(trained.categories, calibration.thresholds, calibration.calibrated,
-                                                  calibration.positives)],
+            "categories": [{"name": c.name, "threshold": t, "calibrated": ok, "val_positives": n, "reason": r}
+                           for c, t, ok, n, r in zip(trained.categories, calibration.thresholds,
+                                                     calibration.calibrated, calibration.positives,
+                                                     calibration.reasons)],
             "test": report}
 
 

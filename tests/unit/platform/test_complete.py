@@ -95,3 +95,17 @@ def test_run_complete_entry_by_entry_and_the_suggestions(tmp_path: Path) -> None
     with open(counts["suggest_file"]) as fh:
         suggested = list(csv.DictReader(fh))
     assert [(s["path"], s["category"]) for s in suggested] == [("a.png", "dog")]  # the only scored unsure entry
+
+
+def test_out_of_fold_keeps_a_threshold_only_when_it_holds_on_the_other_half() -> None:
+    # category 0: positives score high everywhere, a threshold above 0.5 holds on both halves;
+    # category 1: positives and negatives interleave above 0.5, so a threshold fitted to one half loses on the other
+    probs = np.array([[0.95, 0.9], [0.9, 0.8], [0.85, 0.85], [0.6, 0.75], [0.55, 0.7], [0.52, 0.65],
+                      [0.2, 0.6], [0.1, 0.55], [0.8, 0.95], [0.58, 0.58]])
+    targets = np.array([[1, 1], [1, 0], [1, 1], [0, 0], [0, 1], [0, 0], [0, 1], [0, 0], [1, 0], [0, 1]])
+    plain = calibrate_thresholds(probs, targets, min_positives=3)
+    guarded = calibrate_thresholds(probs, targets, min_positives=3, out_of_fold=True)
+    assert plain.calibrated == [True, True]
+    assert guarded.calibrated[0] is True and guarded.thresholds[0] == plain.thresholds[0]
+    assert guarded.calibrated[1] is False and guarded.reasons[1] == "no gain out of fold"
+    assert guarded.thresholds[1] == 0.5
