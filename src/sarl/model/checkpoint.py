@@ -6,6 +6,7 @@ of the frozen backbone.
     <dir>/vocabulary.json   the Vocabulary the model was trained on
     <dir>/weights.pt        the tensors training changes, read back with ``torch.load(weights_only=True)``
     <dir>/train_state.pt    optional: optimizer / scheduler / scaler / RNG state and epoch, for resuming
+    <dir>/digest.txt        ``checkpoint_digest`` of model.json, vocabulary.json and weights.pt (the model's id)
 
 Format 2 stores what training changes: every parameter that requires grad, the buffers of modules that train
 (BatchNorm statistics of an unfrozen ResNet block) and everything outside the CLIP towers (prompt context,
@@ -54,6 +55,8 @@ from .vocabulary import Vocabulary
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE = "model.json", "vocabulary.json", "weights.pt", "train_state.pt"
+IDENTITY_FILES = (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE)  # what a served model is; train_state.pt is not
+DIGEST_FILE = "digest.txt"  # checkpoint_digest of the files, written by save_checkpoint beside them
 
 
 class CheckpointError(ValueError):
@@ -159,6 +162,8 @@ def save_checkpoint(model: SARLModel, directory: str | Path, train_state: dict[s
     torch.save({k: v.cpu() for k, v in state.items()}, directory / WEIGHTS_FILE)
     (directory / VOCAB_FILE).write_text(json.dumps(model.vocabulary.to_dict(), indent=2))
     (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    # where the files are written, so a driver that never reads the weights (another node) can name the model
+    (directory / DIGEST_FILE).write_text(checkpoint_digest(directory) + "\n")
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE_FILE)
     return directory
@@ -231,7 +236,6 @@ def _check_digest(found: str, backbone: dict[str, Any], source: str | None, wher
             f"self-contained export of the checkpoint")
 
 
-IDENTITY_FILES = (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE)  # what a served model is; train_state.pt is not
 
 
 def checkpoint_digest(directory: str | Path) -> str:

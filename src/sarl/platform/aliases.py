@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..model.checkpoint import MODEL_FILE, checkpoint_digest
+from ..model.checkpoint import DIGEST_FILE, MODEL_FILE, checkpoint_digest
 from . import storage
 
 ALIAS_DIR = "aliases"
@@ -41,13 +41,22 @@ def is_alias(uri: str) -> bool:
 def publish_alias(run_uri: str, name: str, checkpoint: str, model_id: str,
                   metrics: dict[str, Any] | None = None) -> str:
     """Point alias ``name`` of the run at ``run_uri`` to ``checkpoint``; returns the alias file's URI."""
-    digest = checkpoint_digest(storage.local_copy(checkpoint))
+    digest = stored_digest(checkpoint)
     record = {"alias": name, "checkpoint": checkpoint, "model_id": model_id, "digest": digest,
               "metrics": metrics or {},
               "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
     uri = alias_uri(run_uri, name)
     storage.write_text(uri, json.dumps(record, indent=2) + "\n")  # atomic: a replica never reads half of it
     return uri
+
+
+def stored_digest(checkpoint: str) -> str:
+    """The digest ``save_checkpoint`` wrote beside the files (one small read: the driver of a run on other nodes
+    downloads no weights), else computed from a local copy (checkpoints older than the digest file)."""
+    try:
+        return storage.read_text(storage.join(checkpoint, DIGEST_FILE)).strip()
+    except FileNotFoundError:
+        return checkpoint_digest(storage.local_copy(checkpoint))
 
 
 def read_alias(uri: str) -> dict[str, Any]:

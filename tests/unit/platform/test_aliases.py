@@ -26,6 +26,8 @@ def test_the_digest_covers_the_model_files_and_not_the_train_state(tmp_path: Pat
     for name in ("model.json", "vocabulary.json", "weights.pt"):  # written independently of the code under test
         expected.update(f"{name}\n".encode() + (directory / name).read_bytes())
     assert checkpoint_digest(directory) == f"sha256:{expected.hexdigest()}"
+    # written beside the files when saved: a driver on another node names the model without reading the weights
+    assert (directory / "digest.txt").read_text().strip() == f"sha256:{expected.hexdigest()}"
     (directory / "train_state.pt").write_bytes(b"other optimizer state")
     assert checkpoint_digest(directory) == f"sha256:{expected.hexdigest()}"
     assert checkpoint_digest(tiny(tmp_path / "other", 1)) != checkpoint_digest(directory)
