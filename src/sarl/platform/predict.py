@@ -105,10 +105,10 @@ def _manifest_paths(source: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the output
-def _parts(output: str) -> dict[int, str]:
-    names = storage.list_dir(output) if storage.exists(output) else []
+def _parts(output: str, names: list[str] | None = None) -> dict[int, str]:
+    """{shard number: rows file name} of an output folder (``names``: its listing, when already made)."""
     parts = {}
-    for name in names:
+    for name in storage.list_dir(output) if names is None else names:  # empty when the folder is missing
         if name.startswith("part-") and name.count(".") == 1:
             index, fmt = name[5:].split(".")
             if index.isdigit() and fmt in FORMATS:
@@ -159,15 +159,16 @@ def _write_shard(output: str, index: int, rows: list[dict[str, Any]], errors: li
 
 
 def _clear(output: str) -> None:
-    for name in storage.list_dir(output) if storage.exists(output) else []:
+    for name in storage.list_dir(output):
         if name.startswith(("part-", "errors-")) or name in (SUMMARY, THRESHOLDS, RUN):
             storage.delete(storage.join(output, name))
 
 
 def _drop_orphan_errors(output: str) -> None:
     """Errors files whose shard never got its rows file (a crash between the two writes)."""
-    parts = _parts(output)
-    for name in storage.list_dir(output) if storage.exists(output) else []:
+    names = storage.list_dir(output)
+    parts = _parts(output, names)
+    for name in names:
         if name.startswith("errors-") and name[7:12].isdigit() and int(name[7:12]) not in parts:
             storage.delete(storage.join(output, name))
 
