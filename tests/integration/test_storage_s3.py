@@ -187,6 +187,23 @@ def test_pyarrow_filesystem_holds_no_credentials_and_takes_the_buckets_region(s3
     assert storage.read_bytes(f"s3://{bucket}/runs/x.txt") == b"default chain"
 
 
+def test_a_pickled_pyarrow_filesystem_rides_out_an_endpoint_outage(s3_bucket: str, s3_outage) -> None:
+    """Ray's controller and workers write through pickled copies of the filesystem. Arrow's pickling drops the
+    retry strategy (its default, 3 attempts, gives up after about 2.5 s); the copy must keep all of its attempts
+    and write through an outage of 6 s."""
+    import pickle
+
+    filesystem, path = storage.pyarrow_filesystem(f"s3://{s3_bucket}/runs")
+    copy = pickle.loads(pickle.dumps(filesystem))
+    s3_outage.for_seconds(6.0)
+    time.sleep(0.5)  # the endpoint is down when the write starts
+    started = time.monotonic()
+    with copy.open_output_stream(f"{path}/checkpoint_manager_snapshot.json") as out:
+        out.write(b"{}")
+    assert time.monotonic() - started >= 5.0  # it waited the outage out
+    assert storage.read_bytes(f"s3://{s3_bucket}/runs/checkpoint_manager_snapshot.json") == b"{}"
+
+
 @pytest.mark.integration
 def test_job_reads_a_data_set_and_word_vectors_from_s3(s3_bucket, tmp_path):
     """data.root and model.word_vectors as s3:// URIs: copied to a local cache, then used as local files."""

@@ -623,16 +623,16 @@ def pyarrow_filesystem(uri: Uri) -> tuple[pyarrow.fs.S3FileSystem | None, str]:
     """
     if not is_s3(uri):
         return None, str(uri)
-    import pyarrow.fs  # heavy; only Ray's storage needs it
+    from ._arrow_s3 import RetryingS3FileSystem  # imports pyarrow: heavy, only Ray's storage needs it
 
     bucket, key = parse_s3(uri)
     endpoint = resolve_endpoint()
-    # As many attempts as boto3's transfers here (Arrow's default is 3): an endpoint that drops out for a few
-    # seconds mid-checkpoint is ridden out by the upload instead of failing the epoch.
-    options: dict[str, Any] = {"region": bucket_region(bucket, endpoint), "connect_timeout": 5, "request_timeout": 30,
-                               "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=TRANSFER_ATTEMPTS)}
+    # As many attempts as boto3's transfers here (Arrow's default is 3), in this process and in the copies Ray
+    # pickles into its controller and workers: an endpoint that drops out for a few seconds mid-checkpoint is
+    # ridden out (about 80 s of backoff before a write fails) instead of failing the run.
+    options: dict[str, Any] = {"region": bucket_region(bucket, endpoint), "connect_timeout": 5, "request_timeout": 30}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         options.update(scheme=parsed.scheme, endpoint_override=parsed.netloc)
-    filesystem = pyarrow.fs.S3FileSystem(**options)
+    filesystem = RetryingS3FileSystem(max_attempts=TRANSFER_ATTEMPTS, **options)
     return filesystem, "/".join(p for p in (bucket, key.strip("/")) if p)
