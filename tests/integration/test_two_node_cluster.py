@@ -178,6 +178,26 @@ def test_evaluation_runs_on_the_worker_node_with_one_or_two_workers(trained, s3_
     assert not Path(s3_data["driver_cache"]).exists()  # only the checkpoint's job.yaml was read here
 
 
+def test_bulk_prediction_runs_on_the_worker_node_from_an_s3_manifest(trained, s3_data):
+    """``sarl predict`` with checkpoint, manifest and output on S3: the actors on the worker node copy the weights
+    and read the images; the driver reads the manifest and the checkpoint's small files and keeps nothing."""
+    from sarl.platform.predict import PredictConfig, read_rows, run_predict
+
+    checkpoint, output = trained["checkpoint"], f"s3://{s3_data['bucket']}/predicted/twonode"
+    summary = run_predict(PredictConfig(checkpoint=checkpoint, input=f"{s3_data['root']}/manifest.jsonl",
+                                        output=output, batch_size=16))
+    rows = read_rows(output)
+    expected = sorted(storage.join(s3_data["root"], "images", f) for f in storage.list_files(
+        f"{s3_data['root']}/images"))
+    assert len(expected) == 64 and sorted(r["path"] for r in rows) == expected  # each image once
+    assert summary["written"] == 64 and summary["errors"] == 0
+    digest = storage.read_text(storage.join(checkpoint, "digest.txt")).strip()
+    assert {r["model_digest"] for r in rows} == {digest} and summary["model"]["digest"] == digest
+    assert all(len(r["scores"]) == len(CATEGORIES) for r in rows)
+    assert checkpoint.rstrip("/") in {u.rstrip("/") for u in worker_cache_entries()}  # the actor's copy
+    assert not Path(s3_data["driver_cache"]).exists()  # the driver copied no weights and no manifest
+
+
 def test_a_sweep_trains_on_s3_data_on_the_worker_node(s3_data, tmp_path):
     """Item 1 for Tune: a trial's workers copy the data themselves (the trial driver's node is not theirs)."""
     from sarl.model.config import from_dict, to_dict

@@ -15,12 +15,15 @@ a moved alias is a changed config and Serve rolls the replicas over) or an edit 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..model.checkpoint import DIGEST_FILE, MODEL_FILE, checkpoint_digest
+from ..model.checkpoint import DIGEST_FILE, MODEL_FILE, VOCAB_FILE, checkpoint_digest, read_checkpoint_meta
+from ..model.factory import ModelConfig
+from ..model.vocabulary import Vocabulary
 from . import storage
 
 ALIAS_DIR = "aliases"
@@ -73,14 +76,24 @@ def read_alias(uri: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ServedCheckpoint:
-    """A checkpoint as a replica serves it: where it came from, its local copy, and its identity."""
+class CheckpointIdentity:
+    """Which model a checkpoint is: its directory (an alias resolved), model id, digest, and the alias if any."""
 
-    uri: str  # the checkpoint directory (an alias resolved)
-    local: Path
+    uri: str
     model_id: str
     digest: str
     alias: str | None = None  # the alias file it was resolved from
+
+    def resolved(self) -> dict[str, str]:
+        """The record ``served_checkpoint(resolved=...)`` takes: a worker checks its copy against the digest."""
+        return {"checkpoint": self.uri, "digest": self.digest, "model_id": self.model_id}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedCheckpoint(CheckpointIdentity):
+    """A checkpoint as a replica or a scoring actor loads it: its identity and its local copy."""
+
+    local: Path
 
 
 def resolve(uri: str) -> tuple[str, dict[str, Any] | None]:
@@ -91,29 +104,52 @@ def resolve(uri: str) -> tuple[str, dict[str, Any] | None]:
     return record["checkpoint"], record
 
 
-def served_checkpoint(uri: str, resolved: dict[str, Any] | None = None) -> ServedCheckpoint:
-    """Resolve, copy (``s3://``) and identify the checkpoint at ``uri`` (a directory or an alias file).
+def _identity(uri: str, checkpoint: str, record: dict[str, Any] | None, digest: str,
+              extra: dict[str, Any]) -> CheckpointIdentity:
+    """The identity of ``checkpoint`` whose files have ``digest``; one named by an alias must be the published one."""
+    if record is None:
+        return CheckpointIdentity(checkpoint, _model_id(extra, checkpoint), digest)
+    if record["digest"] != digest:
+        raise AliasError(f"alias {uri} names {checkpoint} with digest {record['digest']}, but its files have "
+                         f"{digest}: the checkpoint changed after the alias was published")
+    return CheckpointIdentity(checkpoint, record["model_id"], digest, uri)
 
-    ``resolved``: the alias record read when the app was built (``checkpoint``, ``digest``, ``model_id``), used
-    instead of reading the alias again.
+
+def identify(uri: str) -> tuple[CheckpointIdentity, ModelConfig, Vocabulary]:
+    """Identity, model config and vocabulary of the checkpoint at ``uri`` (a directory or an alias file), from its
+    small files: model.json, vocabulary.json and digest.txt. What a driver hands the workers that score: they copy
+    the weights on their own nodes; this copies none."""
+    checkpoint, record = resolve(uri)
+    with tempfile.TemporaryDirectory(prefix="sarl-meta-") as tmp:
+        meta = Path(tmp)
+        if storage.is_s3(checkpoint):
+            for name in (MODEL_FILE, VOCAB_FILE):
+                storage.download_file(storage.join(checkpoint, name), meta / name)
+        else:
+            meta = Path(checkpoint)
+        config, vocabulary, extra = read_checkpoint_meta(meta)
+    return _identity(uri, checkpoint, record, stored_digest(checkpoint), extra), config, vocabulary
+
+
+def served_checkpoint(uri: str, resolved: dict[str, Any] | None = None) -> ServedCheckpoint:
+    """Resolve, copy (``s3://``) and identify the checkpoint at ``uri`` (a directory or an alias file); the digest
+    is computed from the copy.
+
+    ``resolved``: the record read when the app was built or by a driver (``checkpoint``, ``digest``,
+    ``model_id``), used instead of reading the alias again.
     """
     checkpoint, record = (resolved["checkpoint"], resolved) if resolved else resolve(uri)
     local = storage.local_copy(checkpoint)
-    digest = checkpoint_digest(local)
-    if record is not None:
-        if record["digest"] != digest:
-            raise AliasError(f"alias {uri} names {checkpoint} with digest {record['digest']}, but its files have "
-                             f"{digest}: the checkpoint changed after the alias was published")
-        return ServedCheckpoint(checkpoint, local, record["model_id"], digest, uri)
-    return ServedCheckpoint(checkpoint, local, default_model_id(local, checkpoint), digest)
-
-
-def default_model_id(local: Path, uri: str) -> str:
-    """``<directory name>[:epoch-<k>]`` of a checkpoint not served through an alias."""
     extra = json.loads((local / MODEL_FILE).read_text()).get("extra") or {}
+    identity = _identity(uri, checkpoint, record, checkpoint_digest(local), extra)
+    return ServedCheckpoint(identity.uri, identity.model_id, identity.digest, identity.alias, local=local)
+
+
+def _model_id(extra: dict[str, Any], uri: str) -> str:
+    """``<directory name>[:epoch-<k>]`` of a checkpoint not named through an alias."""
     name = Path(str(uri).rstrip("/")).name
     return f"{name}:epoch-{extra['epoch']}" if "epoch" in extra else name
 
 
-__all__ = ["ALIAS_DIR", "AliasError", "ServedCheckpoint", "alias_uri", "default_model_id", "is_alias",
+__all__ = ["ALIAS_DIR", "AliasError", "CheckpointIdentity", "ServedCheckpoint", "alias_uri", "identify", "is_alias",
            "publish_alias", "read_alias", "resolve", "served_checkpoint"]

@@ -7,7 +7,9 @@ The pipeline: the image paths (a folder or an ``s3://`` prefix, recursively, by 
 ``path`` column, relative to the manifest) -> read and decode on CPU tasks (``serve_io.decode_image`` and the
 model's transform, as for a request) -> score in an actor pool that loads the model once per actor
 (``ActorPoolStrategy``; a GPU per actor when the cluster has GPUs) with ``scoring.ImageScorer``, Serve's code:
-an image's scores equal ``POST /v1/predict``'s for the same checkpoint and vocabulary version.
+an image's scores equal ``POST /v1/predict``'s for the same checkpoint and vocabulary version. The driver reads
+the checkpoint's small files only (model.json, vocabulary.json, digest.txt: ``aliases.identify``); each actor
+copies the weights on its own node and checks them against the digest.
 
 The output is a folder of shards, each written whole (S3 PUT, or a local write and rename) once its rows are
 scored::
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from ..model.checkpoint import read_checkpoint_meta
 from . import storage
 
 log = logging.getLogger("sarl.predict")
@@ -89,8 +91,11 @@ def list_inputs(source: str) -> list[str]:
 def _manifest_paths(source: str) -> list[str]:
     from ..model.data.manifest import read_manifest
 
-    local = storage.local_copy(source) if storage.is_s3(source) else Path(source)
-    rows = read_manifest(local)
+    if storage.is_s3(source):  # one small file: read here, not kept in the node's cache
+        with tempfile.TemporaryDirectory(prefix="sarl-manifest-") as tmp:
+            rows = read_manifest(storage.download_file(source, Path(tmp) / PurePosixPath(source).name))
+    else:
+        rows = read_manifest(Path(source))
     base = source.rsplit("/", 1)[0] if storage.is_s3(source) else str(Path(source).resolve().parent)
     out = []
     for row in rows:
@@ -235,7 +240,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     """Score every image of ``config.input`` not yet in ``config.output``; returns the summary."""
     import ray
 
-    from .aliases import served_checkpoint
+    from .aliases import identify
     from .train import init_ray
 
     if config.format not in FORMATS:
@@ -246,13 +251,13 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     _drop_orphan_errors(config.output)
     written, failed, shard = done_paths(config.output, config.format)
     pending = [p for p in paths if p not in written and p not in failed]
-    served = served_checkpoint(config.checkpoint)
-    model_cfg, _, _ = read_checkpoint_meta(served.local)
-    vocabulary = _vocabulary(config, served)
+    # model.json, vocabulary.json, digest.txt: the actors copy the weights on their nodes
+    model, model_cfg, checkpoint_vocabulary = identify(config.checkpoint)
+    vocabulary = _vocabulary(config, checkpoint_vocabulary)
     version = vocabulary.version
-    _check_same_run(config.output, served.digest, version)
+    _check_same_run(config.output, model.digest, version)
     storage.write_text(storage.join(config.output, RUN), json.dumps(
-        {"model_id": served.model_id, "model_digest": served.digest, "vocabulary_version": version}) + "\n")
+        {"model_id": model.model_id, "model_digest": model.digest, "vocabulary_version": version}) + "\n")
     thresholds = {c.name: c.threshold for c in vocabulary.categories if c.enabled}
     storage.write_text(storage.join(config.output, THRESHOLDS), json.dumps(thresholds, indent=1) + "\n")
     log.info("%d images, %d already written, %d to score", len(paths), len(paths) - len(pending), len(pending))
@@ -268,9 +273,8 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
         ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": model_cfg.image_size, "mean": model_cfg.mean,
                                                      "std": model_cfg.std, "max_pixels": config.max_image_pixels},
                             batch_size=config.batch_size, num_cpus=config.decode_cpus)  # tasks, on every CPU
-        resolved = {"checkpoint": served.uri, "digest": served.digest, "model_id": served.model_id}
-        ds = ds.map_batches(Score, fn_constructor_args=(config.checkpoint, resolved, config.vocab_store, version,
-                                                        "cuda" if gpus > 0 else "cpu"),
+        ds = ds.map_batches(Score, fn_constructor_args=(config.checkpoint, model.resolved(), config.vocab_store,
+                                                        version, "cuda" if gpus > 0 else "cpu"),
                             batch_size=config.batch_size, num_gpus=gpus,
                             num_cpus=config.cpus_per_actor if config.cpus_per_actor is not None else
                             (0 if gpus > 0 else 1),
@@ -283,8 +287,8 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
                     errors.append({"path": str(path), "reason": str(error)})
                 else:
                     rows.append({"path": str(path), "scores": json.loads(scores), "labels": json.loads(labels),
-                                 "vocabulary_version": version, "model_id": served.model_id,
-                                 "model_digest": served.digest})
+                                 "vocabulary_version": version, "model_id": model.model_id,
+                                 "model_digest": model.digest})
             if len(rows) + len(errors) >= config.shard_size:
                 _write_shard(config.output, shard, rows, errors, config.format)
                 new_rows, new_errors, shard = new_rows + len(rows), new_errors + len(errors), shard + 1
@@ -297,13 +301,13 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
                "this_run": {"scored": new_rows, "errors": new_errors, "seconds": round(seconds, 2),
                             "images_per_s": round((new_rows + new_errors) / seconds, 2) if seconds > 0 else None},
                "skipped_already_written": len(paths) - len(pending),
-               "model": {"id": served.model_id, "digest": served.digest}, "vocabulary_version": version,
+               "model": {"id": model.model_id, "digest": model.digest}, "vocabulary_version": version,
                "output": config.output, "format": config.format}
     storage.write_text(storage.join(config.output, SUMMARY), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _vocabulary(config: PredictConfig, served: Any) -> Any:
+def _vocabulary(config: PredictConfig, checkpoint_vocabulary: Any) -> Any:
     """The vocabulary scored under: the store's version (named, or current) or the checkpoint's own."""
     if config.vocab_store:
         from .vocab_store import VocabStore
@@ -311,8 +315,7 @@ def _vocabulary(config: PredictConfig, served: Any) -> Any:
         return VocabStore(config.vocab_store).load(config.vocab_version)
     if config.vocab_version:
         raise PredictError("--vocab-version needs --vocab-store")
-    _, vocabulary, _ = read_checkpoint_meta(served.local)
-    return vocabulary
+    return checkpoint_vocabulary
 
 
 def _check_same_run(output: str, digest: str, version: str) -> None:

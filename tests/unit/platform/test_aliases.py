@@ -11,7 +11,7 @@ import torch
 
 from sarl.model import Category, Vocabulary, create_model
 from sarl.model.checkpoint import checkpoint_digest, save_checkpoint
-from sarl.platform.aliases import AliasError, alias_uri, publish_alias, read_alias, served_checkpoint
+from sarl.platform.aliases import AliasError, alias_uri, identify, publish_alias, read_alias, served_checkpoint
 
 
 def tiny(directory: Path, seed: int, **extra) -> Path:
@@ -73,3 +73,26 @@ def test_without_an_alias_the_model_id_is_the_directory_and_its_epoch(tmp_path: 
     assert served_checkpoint(str(tiny(tmp_path / "checkpoint_000004", 0, epoch=4))).model_id == \
         "checkpoint_000004:epoch-4"
     assert served_checkpoint(str(tiny(tmp_path / "plain", 0))).model_id == "plain"
+
+
+def test_a_driver_identifies_a_checkpoint_from_its_small_files(tmp_path: Path) -> None:
+    """``identify`` (what ``sarl predict``'s driver hands its actors) reads model.json, vocabulary.json and
+    digest.txt: the weights may be absent; the actor that loads them checks them against the digest."""
+    directory = tiny(tmp_path / "checkpoint_000002", 0, epoch=2)
+    digest = checkpoint_digest(directory)
+    weights = (directory / "weights.pt").read_bytes()
+    (directory / "weights.pt").unlink()
+    model, config, vocabulary = identify(str(directory))
+    assert (model.model_id, model.digest, model.alias) == ("checkpoint_000002:epoch-2", digest, None)
+    assert config == create_model("tiny", Vocabulary([Category("a")])).config
+    assert (vocabulary.names, vocabulary.version) == (["a", "b"], "v")
+    assert model.resolved() == {"checkpoint": str(directory), "digest": digest, "model_id": model.model_id}
+    uri = publish_alias(str(tmp_path / "run"), "best", str(directory), "run:epoch-2")
+    named = identify(uri)[0]
+    assert (named.model_id, named.alias, named.digest) == ("run:epoch-2", uri, digest)
+    (directory / "digest.txt").write_text("sha256:" + "0" * 64 + "\n")
+    with pytest.raises(AliasError, match="changed after the alias was published"):
+        identify(uri)
+    (directory / "weights.pt").write_bytes(weights)
+    with pytest.raises(AliasError, match="changed after the alias was published"):
+        served_checkpoint(str(directory), resolved=model.resolved() | {"digest": "sha256:" + "0" * 64})
