@@ -157,13 +157,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .platform.complete import DEFAULT_MIN_POSITIVES, run_calibrate
 
     args = _with_config(args, {"min_positives": DEFAULT_MIN_POSITIVES, "no_current": False, "data": [],
-                               "out_of_fold": False},
+                               "out_of_fold": False, "workers": 1},
                         ("checkpoint", "vocab_store"))
     if args is None:
         return 2
 
     out = run_calibrate(args.checkpoint, args.vocab_store, args.data, args.version, args.min_positives,
-                        make_current=not args.no_current, out_of_fold=args.out_of_fold)
+                        make_current=not args.no_current, out_of_fold=args.out_of_fold, workers=args.workers,
+                        address=args.address)
     for c in out["categories"]:
         how = "calibrated" if c["calibrated"] else f"global ({c['reason']})"
         print(f"  {c['name']:<24} threshold {c['threshold']:.3f}  {how}, {c['val_positives']} known positives on val")
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep a threshold only if one picked on half of val does not lose on the other half")
     calibrate.add_argument("--data", nargs="*", metavar="KEY=VALUE",
                            help="job overrides for the data, e.g. data.root=/data/voc")
+    calibrate.add_argument("--workers", type=int, help="score the splits as N Ray tasks (as sarl evaluate does)")
+    calibrate.add_argument("--address", help="Ray cluster to score on (default: $RAY_ADDRESS; with neither, "
+                           "--workers 1 scores in this process)")
     calibrate.set_defaults(func=_calibrate)
 
     complete = sub.add_parser("complete", help="fill the unknown entries of a manifest from predictions; "

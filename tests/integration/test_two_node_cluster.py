@@ -198,6 +198,25 @@ def test_bulk_prediction_runs_on_the_worker_node_from_an_s3_manifest(trained, s3
     assert not Path(s3_data["driver_cache"]).exists()  # the driver copied no weights and no manifest
 
 
+def test_calibration_scores_on_the_worker_node_and_pushes_to_an_s3_store(trained, s3_data):
+    """``sarl calibrate`` scores val and test as Ray tasks on the worker node (one or two shards pick the same
+    thresholds) and pushes the version to a store on S3; the driver copies nothing."""
+    from sarl.platform.complete import run_calibrate
+    from sarl.platform.vocab_store import VocabStore
+
+    store = VocabStore(f"s3://{s3_data['bucket']}/vocab-calibrated")
+    one = run_calibrate(trained["checkpoint"], store.uri, version="one-shard", min_positives=1, workers=1)
+    two = run_calibrate(trained["checkpoint"], store.uri, version="two-shards", min_positives=1, workers=2)
+    assert any(c["calibrated"] for c in two["categories"])
+    assert [c["threshold"] for c in two["categories"]] == pytest.approx([c["threshold"] for c in one["categories"]])
+    for when in ("before", "after"):
+        assert two["test"][when] == pytest.approx(one["test"][when])
+    pushed = store.load()
+    assert store.current_version() == pushed.version == "two-shards"
+    assert [c.threshold for c in pushed.categories] == pytest.approx([c["threshold"] for c in two["categories"]])
+    assert not Path(s3_data["driver_cache"]).exists()
+
+
 def test_a_sweep_trains_on_s3_data_on_the_worker_node(s3_data, tmp_path):
     """Item 1 for Tune: a trial's workers copy the data themselves (the trial driver's node is not theirs)."""
     from sarl.model.config import from_dict, to_dict

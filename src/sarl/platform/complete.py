@@ -131,26 +131,34 @@ def f1_at(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | float
 
 def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), version: str | None = None,
                   min_positives: int = DEFAULT_MIN_POSITIVES, make_current: bool = True,
-                  out_of_fold: bool = False) -> dict[str, Any]:
-    """Pick thresholds on the validation split, push them as a new version; CF1 / OF1 on test before and after."""
+                  out_of_fold: bool = False, workers: int = 1, address: str | None = None,
+                  on_cluster: bool | None = None) -> dict[str, Any]:
+    """Pick thresholds on the validation split, push them as a new version; CF1 / OF1 on test before and after.
+
+    The splits are scored as ``sarl evaluate`` scores them (``evaluate.score_split``: ``workers`` Ray tasks on a
+    cluster that is connected or named, else this process); only the scores come back here.
+    """
     from ..model.serving import match_trained
     from ..model.vocabulary import Vocabulary
-    from .evaluate import checkpoint_job, score_shard
+    from .aliases import identify
+    from .evaluate import absolute, checkpoint_job, score_split
     from .vocab_store import VocabStore
 
-    local = storage.local_copy(checkpoint)
+    checkpoint = absolute(checkpoint)
     job = checkpoint_job(checkpoint, list(overrides))
-    val = score_shard(Path(local), job, "val")
-    test = score_shard(Path(local), job, "test")
-    val_p, test_p = (torch.from_numpy(s["logits"]).float().sigmoid().numpy() for s in (val, test))  # as served
-    calibration = calibrate_thresholds(val_p, val["targets"], min_positives, out_of_fold=out_of_fold)
+    scored = {}
+    for split in ("val", "test"):
+        shards, _ = score_split(checkpoint, job, split, workers, address, on_cluster)
+        logits = np.concatenate([s["logits"] for s in shards])
+        scored[split] = (torch.from_numpy(logits).float().sigmoid().numpy(),  # as served
+                         np.concatenate([s["targets"] for s in shards]))
+    (val_p, val_t), (test_p, test_t) = scored["val"], scored["test"]
+    calibration = calibrate_thresholds(val_p, val_t, min_positives, out_of_fold=out_of_fold)
     thresholds = np.array(calibration.thresholds)
-    report = {"before": f1_at(test_p, test["targets"], 0.5), "after": f1_at(test_p, test["targets"], thresholds)}
+    report = {"before": f1_at(test_p, test_t, 0.5), "after": f1_at(test_p, test_t, thresholds)}
     store = VocabStore(vocab_store)
     base = store.load() if store.current_version() else None
-    from ..model.checkpoint import read_checkpoint_meta
-
-    _, trained, _ = read_checkpoint_meta(local)
+    trained = identify(checkpoint)[2]
     base = base or Vocabulary(list(trained.categories), version=trained.version)
     rows, problems = match_trained(base, trained)
     if problems:

@@ -120,34 +120,45 @@ def _connected_or_named(address: str | None) -> bool:
     return ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
 
 
+def score_split(uri: str, job: JobConfig, split: str, workers: int = 1, address: str | None = None,
+                on_cluster: bool | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every shard's logits and targets of the split (``score_shard``, in rank order), and where each ran.
+
+    ``uri``: an absolute path or ``s3://`` (tasks run in other working directories). ``on_cluster``: None (default)
+    on Ray if a cluster is connected or named or ``workers > 1``, True on Ray (starting a local cluster if none is
+    named), False in this process. See the module docstring.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, not {workers}")
+    address = address or job.address
+    if on_cluster is None:
+        on_cluster = workers > 1 or _connected_or_named(address)
+    if not on_cluster:
+        return [score_shard(Path(storage.local_copy(uri)), job, split)], [{"rank": 0, "node": None, "device": "cpu"}]
+    import ray
+
+    init_ray(address)
+    task = ray.remote(_evaluate_task).options(**task_options(job))
+    shards = ray.get([task.remote(uri, to_dict(job), split, rank, workers) for rank in range(workers)])
+    return shards, [{"rank": r, "node": s.pop("node"), "device": s.pop("device")} for r, s in enumerate(shards)]
+
+
+def absolute(uri: str | Path) -> str:
+    """``uri`` as the tasks of another working directory (or node) find it: ``s3://`` as is, a path made absolute."""
+    return str(uri) if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
 def evaluate_checkpoint(uri: str, split: str = "val", overrides: list[str] = (), workers: int = 1,
                         output_dir: str | Path | None = None, address: str | None = None,
                         on_cluster: bool | None = None) -> dict[str, Any]:
     """Evaluate checkpoint ``uri`` (local or s3://); writes metrics.json, per_class_ap.csv/.png to output_dir.
 
-    ``on_cluster``: None (default) on Ray if a cluster is connected or named or ``workers > 1``, True on Ray
-    (starting a local cluster if none is named), False in this process. See the module docstring. The result
-    says where each shard ran (``evaluated_on``: rank, Ray node id or None, device).
+    Where it runs: ``score_split``. The result says where each shard ran (``evaluated_on``: rank, Ray node id or
+    None, device).
     """
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, not {workers}")
-    if not storage.is_s3(uri):
-        uri = str(Path(uri).expanduser().resolve())  # the tasks run in other working directories
+    uri = absolute(uri)
     job = checkpoint_job(uri, list(overrides))
-    address = address or job.address
-    if on_cluster is None:
-        on_cluster = workers > 1 or _connected_or_named(address)
-    if on_cluster:
-        import ray
-
-        init_ray(address)
-        world = workers
-        task = ray.remote(_evaluate_task).options(**task_options(job))
-        shards = ray.get([task.remote(uri, to_dict(job), split, rank, world) for rank in range(world)])
-        where = [{"rank": r, "node": s.pop("node"), "device": s.pop("device")} for r, s in enumerate(shards)]
-    else:
-        shards = [score_shard(Path(storage.local_copy(uri)), job, split)]
-        where = [{"rank": 0, "node": None, "device": "cpu"}]
+    shards, where = score_split(uri, job, split, workers, address, on_cluster)
     result = merge_shards(shards)
     result.update(checkpoint=str(uri), split=split, evaluated_on=where)
     if output_dir is not None:
