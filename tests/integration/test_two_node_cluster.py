@@ -289,19 +289,6 @@ def train_worker_pids(cluster) -> list[int]:
     return pids
 
 
-def committed_epoch(job) -> int | None:
-    """The epoch of the latest checkpoint in Train's committed snapshot (what a restart resumes from)."""
-    import json
-
-    from sarl.platform.train import SNAPSHOT_FILE
-
-    snapshot = storage.join(job.run.storage_path, job.run_name, SNAPSHOT_FILE)
-    if not storage.exists(snapshot):
-        return None
-    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
-    return (latest.get("metrics") or {}).get("epoch")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(fault_data) -> list[dict]:
     from sarl.platform.train import run_training
@@ -319,7 +306,7 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(fault_da
     import threading
     import time
 
-    from sarl.platform.train import run_training
+    from sarl.platform.train import latest_checkpoint_result, run_training
 
     job, outcome = fault_job(fault_data, "killed"), {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_training(job)), daemon=True)
@@ -330,13 +317,13 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(fault_da
         # Train has committed epoch 1's checkpoint and not yet epoch 2's: epoch 2 is under way, and a restart
         # resumes from epoch 1. (Its history row comes earlier, once the upload is done; Train's snapshot lags it
         # by its poll of the workers, about 2 s, so waiting for the row as well could miss a short epoch 2.)
-        if victims and committed_epoch(job) == 1:
+        if victims and (latest_checkpoint_result(job).get("metrics") or {}).get("epoch") == 1:
             os.kill(victims[0], signal.SIGKILL)
             killed_at = time.time()
         time.sleep(0.1)
     victim = victims[0] if victims else None
     thread.join(timeout=600)
-    assert killed_at is not None, "epoch 1 never reached the history"
+    assert killed_at is not None, "Train never committed epoch 1's checkpoint"
     assert "result" in outcome, "the run did not finish after the kill"
     rows = raw_history(fault_data, "killed")
     assert [r["epoch"] for r in rows] == list(range(1, FAULT_EPOCHS + 1))  # as written: each epoch once

@@ -236,8 +236,6 @@ def _check_digest(found: str, backbone: dict[str, Any], source: str | None, wher
             f"self-contained export of the checkpoint")
 
 
-
-
 def checkpoint_digest(directory: str | Path) -> str:
     """``sha256:<hex>`` over the files that make the model (names and bytes of model.json, vocabulary.json and
     weights.pt): equal for two copies of one checkpoint, different for any other model."""

@@ -115,19 +115,23 @@ def _identity(uri: str, checkpoint: str, record: dict[str, Any] | None, digest: 
     return CheckpointIdentity(checkpoint, record["model_id"], digest, uri)
 
 
+def checkpoint_meta(checkpoint: str) -> tuple[ModelConfig, Vocabulary, dict[str, Any]]:
+    """``read_checkpoint_meta`` of a checkpoint directory or ``s3://`` prefix: only model.json and vocabulary.json
+    are read (into a temporary folder, not the node's cache), never the weights."""
+    if not storage.is_s3(checkpoint):
+        return read_checkpoint_meta(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="sarl-meta-") as tmp:
+        for name in (MODEL_FILE, VOCAB_FILE):
+            storage.download_file(storage.join(checkpoint, name), Path(tmp) / name)
+        return read_checkpoint_meta(tmp)
+
+
 def identify(uri: str) -> tuple[CheckpointIdentity, ModelConfig, Vocabulary]:
     """Identity, model config and vocabulary of the checkpoint at ``uri`` (a directory or an alias file), from its
     small files: model.json, vocabulary.json and digest.txt. What a driver hands the workers that score: they copy
     the weights on their own nodes; this copies none."""
     checkpoint, record = resolve(uri)
-    with tempfile.TemporaryDirectory(prefix="sarl-meta-") as tmp:
-        meta = Path(tmp)
-        if storage.is_s3(checkpoint):
-            for name in (MODEL_FILE, VOCAB_FILE):
-                storage.download_file(storage.join(checkpoint, name), meta / name)
-        else:
-            meta = Path(checkpoint)
-        config, vocabulary, extra = read_checkpoint_meta(meta)
+    config, vocabulary, extra = checkpoint_meta(checkpoint)
     return _identity(uri, checkpoint, record, stored_digest(checkpoint), extra), config, vocabulary
 
 
@@ -151,5 +155,5 @@ def _model_id(extra: dict[str, Any], uri: str) -> str:
     return f"{name}:epoch-{extra['epoch']}" if "epoch" in extra else name
 
 
-__all__ = ["ALIAS_DIR", "AliasError", "CheckpointIdentity", "ServedCheckpoint", "alias_uri", "identify", "is_alias",
-           "publish_alias", "read_alias", "resolve", "served_checkpoint"]
+__all__ = ["ALIAS_DIR", "AliasError", "CheckpointIdentity", "ServedCheckpoint", "alias_uri", "checkpoint_meta",
+           "identify", "is_alias", "publish_alias", "read_alias", "resolve", "served_checkpoint"]

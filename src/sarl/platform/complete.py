@@ -140,7 +140,7 @@ def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), 
     """
     from ..model.serving import match_trained
     from ..model.vocabulary import Vocabulary
-    from .aliases import identify
+    from .aliases import checkpoint_meta
     from .evaluate import absolute, checkpoint_job, score_split
     from .vocab_store import VocabStore
 
@@ -158,7 +158,7 @@ def run_calibrate(checkpoint: str, vocab_store: str, overrides: list[str] = (), 
     report = {"before": f1_at(test_p, test_t, 0.5), "after": f1_at(test_p, test_t, thresholds)}
     store = VocabStore(vocab_store)
     base = store.load() if store.current_version() else None
-    trained = identify(checkpoint)[2]
+    _, trained, _ = checkpoint_meta(checkpoint)  # the vocabulary it was trained on; no weights copied
     base = base or Vocabulary(list(trained.categories), version=trained.version)
     rows, problems = match_trained(base, trained)
     if problems:

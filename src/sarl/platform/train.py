@@ -423,14 +423,20 @@ RESUME_IGNORED = ("name", "address", "run.name", "run.storage_path", "run.max_fa
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Train V2's record of a run's checkpoints
 
 
+def latest_checkpoint_result(job: JobConfig) -> dict[str, Any]:
+    """The latest checkpoint in Train's committed snapshot of the run (``checkpoint_dir_name``, ``metrics``): what
+    a restart or a rerun of the name resumes from; empty when there is none."""
+    try:
+        snapshot = storage.read_text(storage.join(job.run.storage_path, job.run_name, SNAPSHOT_FILE))
+    except FileNotFoundError:
+        return {}
+    return json.loads(snapshot).get("latest_checkpoint_result") or {}
+
+
 def stored_job(job: JobConfig) -> tuple[str, dict[str, Any]] | None:
     """``(checkpoint URI, job dict)`` of the run's latest checkpoint (what a rerun of the name resumes), or None."""
     run = storage.join(job.run.storage_path, job.run_name)
-    snapshot = storage.join(run, SNAPSHOT_FILE)
-    if not storage.exists(snapshot):
-        return None
-    latest = json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name")
+    name = latest_checkpoint_result(job).get("checkpoint_dir_name")
     if not name or not storage.exists(storage.join(run, name, JOB_FILE)):
         return None
     return storage.join(run, name), yaml.safe_load(storage.read_text(storage.join(run, name, JOB_FILE))) or {}
