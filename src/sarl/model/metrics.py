@@ -4,7 +4,11 @@ Conventions (the same in the functional core and in :class:`MultiLabelMetrics`):
 
 - ``targets`` is (N, C) with 1 = present, 0 = absent and ``ignore_index`` (-1) = unknown;
   unknown entries are left out of every count, as if the (image, class) pair was not seen.
-- ``scores`` are probabilities in [0, 1] (sigmoid of the logits); AP only uses their order.
+- ``scores`` are any scores that rank (logits, or probabilities); AP only uses their order, and F1 compares them
+  with a threshold on the same scale. :class:`MultiLabelMetrics` keeps the logits: fp32 sigmoids are exactly
+  1.0 above a logit of about 16.6, so ranking probabilities ties confident positives with confident negatives
+  (a head that scales cosines by 100 saturates routinely); F1 at probability threshold t compares the logits with
+  logit(t), which selects the same entries.
 - Every number is a percentage (0-100), as papers report them.
 - AP is the non-interpolated AP of scikit-learn's ``average_precision_score`` (VOC07 after
   2010, COCO multi-label papers): the mean over positives of the precision at their rank; tied
@@ -83,6 +87,13 @@ def mean_average_precision(scores: Tensor, targets: Tensor, ignore_index: int = 
     return torch.nanmean(average_precision_per_class(scores, targets, ignore_index))
 
 
+def _logit(p: float) -> float:
+    """logit(p) for a probability threshold: -inf at 0 (every score passes), +inf at 1 (none does but +inf)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1], got {p}")
+    return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
+
+
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` with 0 where ``den`` is 0."""
     return torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(num))
@@ -123,9 +134,10 @@ def f1_scores(
 class MultiLabelMetrics(Metric):
     """All multi-label metrics of the spec at once, synced across data-parallel workers.
 
-    ``update`` stores scores and targets (list states reduced by ``cat``); ``compute`` returns
-    percentages: ``mAP``, ``AP`` (a (C,) tensor), ``CP``, ``CR``, ``CF1``, ``OP``, ``OR``,
-    ``OF1`` at ``threshold``, and ``CF1_top3`` / ``OF1_top3`` (named after the default
+    ``update`` stores the logits (or, with ``from_logits=False``, probabilities) and targets (list states reduced
+    by ``cat``); AP ranks what was stored, and F1 at probability ``threshold`` compares logits with
+    ``logit(threshold)``. ``compute`` returns percentages: ``mAP``, ``AP`` (a (C,) tensor), ``CP``, ``CR``,
+    ``CF1``, ``OP``, ``OR``, ``OF1`` at ``threshold``, and ``CF1_top3`` / ``OF1_top3`` (named after the default
     ``top_k = 3``; they use ``top_k``) with the same threshold. Every value is a tensor.
 
     Example:
@@ -155,8 +167,7 @@ class MultiLabelMetrics(Metric):
         _check(preds, targets)
         if preds.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} classes, got {preds.shape[1]}")
-        scores = torch.sigmoid(preds.float()) if self.from_logits else preds.float()
-        self.scores.append(scores.detach())
+        self.scores.append(preds.detach().float())
         self.targets.append(targets.detach().long())
 
     def compute(self) -> dict[str, Tensor]:
@@ -164,7 +175,8 @@ class MultiLabelMetrics(Metric):
         scores, targets = dim_zero_cat(self.scores), dim_zero_cat(self.targets)
         ap = average_precision_per_class(scores, targets)
         out: dict[str, Tensor] = {"mAP": torch.nanmean(ap), "AP": ap}
-        out.update(f1_scores(scores, targets, self.threshold))
-        top = f1_scores(scores, targets, self.threshold, top_k=self.top_k)
+        threshold = _logit(self.threshold) if self.from_logits else self.threshold
+        out.update(f1_scores(scores, targets, threshold))
+        top = f1_scores(scores, targets, threshold, top_k=self.top_k)
         out["CF1_top3"], out["OF1_top3"] = top["CF1"], top["OF1"]
         return out

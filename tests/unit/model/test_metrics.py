@@ -247,3 +247,35 @@ def test_distributed_sync_equals_single_process():
     single.update(logits, targets)
     expected = single.compute()
     mp.spawn(_worker, args=(2, _free_port(), logits, targets, expected), nprocs=2, join=True)
+
+
+def test_confident_logits_rank_by_logit_not_by_a_saturated_sigmoid():
+    """fp32 sigmoid(x) == 1.0 for x above ~16.6: ranking probabilities would tie these six entries (AP 50)."""
+    logits = torch.tensor([[30.0], [25.0], [20.0], [19.0], [18.0], [17.0]])
+    targets = torch.tensor([[1], [1], [1], [0], [0], [0]])
+    assert (torch.sigmoid(logits) == 1.0).all()  # the premise: every probability is exactly 1
+    metric = MultiLabelMetrics(num_classes=1)
+    metric.update(logits, targets)
+    out = metric.compute()
+    assert out["mAP"].item() == pytest.approx(100.0)
+    assert out["AP"].reshape(-1)[0].item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9])
+def test_f1_on_logits_at_logit_of_the_threshold_selects_what_probabilities_select(threshold):
+    """Predicted positive: p >= t, i.e. logit >= log(t / (1 - t)); written out here, away from saturation."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 5, generator=gen) * 3
+    targets = torch.randint(-1, 2, (40, 5), generator=gen)
+    targets[0] = 1
+    metric = MultiLabelMetrics(num_classes=5, threshold=threshold)
+    metric.update(logits, targets)
+    out = metric.compute()
+    cut = math.log(threshold / (1 - threshold))
+    known = targets >= 0
+    pred, gt = (logits >= cut) & known, (targets == 1) & known
+    tp = (pred & gt).sum(0).double()
+    op, orr = tp.sum() / pred.sum(), tp.sum() / gt.sum()
+    assert out["OF1"].item() == pytest.approx(100 * float(2 * op * orr / (op + orr)), rel=1e-5)
+    on_probabilities = f1_scores(torch.sigmoid(logits), targets, threshold)
+    assert out["CF1"].item() == pytest.approx(on_probabilities["CF1"].item(), rel=1e-5)
