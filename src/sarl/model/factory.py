@@ -56,7 +56,10 @@ class ModelConfig:
     negative_prompts: bool = False
     # Weight alpha of the global term alpha * s * cos(g, t_c); 0 disables it (step 5 option).
     global_weight: float = field(0.0, check=non_negative())
-    logit_scale: float = field(20.0, check=positive())  # initial s; learnt in log space
+    # s of the score s * cos: fixed (CoOp keeps CLIP's scale frozen, DualCoOp fixes it) unless learn_scale, which
+    # learns it in log space from this value; learnt by SGD with the rest it collapses (heads.py).
+    logit_scale: float = field(20.0, check=positive())
+    learn_scale: bool = False
     # Category semantics (step 2): word vectors ("word", needs word_vectors) or CLIP text embeddings ("clip").
     semantic_source: str = field("word", choices=("word", "clip"))
     word_vectors: str | None = None

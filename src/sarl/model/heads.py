@@ -1,7 +1,7 @@
 """Scoring heads over visual and text features (SARL.md step 5 and the baselines).
 
 - ``sarl``: logit_c = s * cos(f_c, t_c) + b_c, or s * (cos(f_c, t_c+) - cos(f_c, t_c-)) + b_c with negative
-  prompts, plus the optional global term alpha * s * cos(g, t_c+); s learnt (in log space).
+  prompts, plus the optional global term alpha * s * cos(g, t_c+).
 - ``global``: the CLIP baseline, s * cos(g, t_c) + b_c.
 - ``dualcoop``: DualCoOp's class-specific region aggregation (``models/dualcoop.py``, ``DualCoop.forward``) over
   the regions i of ``dense`` (its mean token and every location):
@@ -11,6 +11,13 @@
 
 Cosines (and everything after them) are computed in float32 even under autocast: in bf16, s * cos would be
 quantised to about 0.01-0.02 logit steps, which creates ties in ranking metrics.
+
+The scale s is fixed by default (``learn_scale=False``), as CoOp keeps CLIP's logit scale frozen and DualCoOp
+fixes it. Learnt (in log space) with the other parameters by SGD, it collapses: with CLIP's cosines (about 0.2)
+every initial logit is about +4, the gradient into log s sums over every known entry of the batch (about 210 at
+B = 32, C = 80, 10% known, against 0.7 per bias), s falls towards 0 and takes with it every gradient it multiplies
+(into the prompts and the decoupling). ``tests/unit/model/test_logit_scale.py`` shows it on CLIP-like features.
+``log_scale`` is kept as a parameter either way (frozen when fixed), so checkpoints of both kinds load alike.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ def _cos_paired(category_feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor
 
 
 class ScoreHead(nn.Module):
-    """The scoring of one head kind: learnt scale s (log space) and bias b_c for ``sarl`` and ``global``;
-    a fixed scale and no bias for ``dualcoop`` (``log_scale`` and ``bias`` are None there)."""
+    """The scoring of one head kind: scale s (fixed, or with ``learn_scale`` learnt in log space) and learnt bias
+    b_c for ``sarl`` and ``global``; a fixed scale and no bias for ``dualcoop`` (``log_scale`` and ``bias`` are None
+    there)."""
 
-    def __init__(self, kind: str, num_classes: int, logit_scale: float = 20.0, global_weight: float = 0.0):
+    def __init__(self, kind: str, num_classes: int, logit_scale: float = 20.0, global_weight: float = 0.0,
+                 learn_scale: bool = False):
         super().__init__()
         self.kind = kind
         self.global_weight = global_weight
@@ -47,12 +56,12 @@ class ScoreHead(nn.Module):
             self.register_parameter("log_scale", None)
             self.register_parameter("bias", None)
         else:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+            self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale)), requires_grad=learn_scale)
             self.bias = nn.Parameter(torch.zeros(num_classes))
 
     @property
     def scale(self) -> torch.Tensor | float:
-        """s: learnt (``exp(log_scale)``) or, for ``dualcoop``, the fixed ``logit_scale``."""
+        """s: ``exp(log_scale)`` (frozen unless ``learn_scale``) or, for ``dualcoop``, the fixed ``logit_scale``."""
         return self.fixed_scale if self.log_scale is None else self.log_scale.exp()
 
     def forward(self, text_pos: torch.Tensor, text_neg: torch.Tensor | None, global_feat: torch.Tensor,

@@ -46,7 +46,7 @@ class SARLModel(nn.Module):
         names = vocabulary.names
         negative = config.negative_prompts or config.head == "dualcoop"
         self.prompts = PromptLearner(self.text, names, config.prompt_mode, config.n_ctx, config.ctx_init, negative)
-        self.head = ScoreHead(config.head, len(names), config.logit_scale, config.global_weight)
+        self.head = ScoreHead(config.head, len(names), config.logit_scale, config.global_weight, config.learn_scale)
         self.decoupling: SemanticDecoupling | None = None
         if config.head == "sarl":
             mean = torch.zeros(semantics.shape[1]) if semantics is not None else None

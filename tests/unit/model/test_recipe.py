@@ -37,7 +37,7 @@ def test_frozen_towers_stay_in_eval_mode_and_trainable_parts_train():
 
 
 def test_weight_decay_skips_biases_and_the_logit_scale():
-    model = create_model("tiny", NAMES, unfreeze="none")
+    model = create_model("tiny", NAMES, unfreeze="none", learn_scale=True)
     optimizer = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
