@@ -118,13 +118,26 @@ class PromptLearner(nn.Module):
         tokens = tokenize(texts, self.text.context_length)
         self.register_buffer("tokens", tokens.to(self.text.token_embedding.weight.device), persistent=False)
 
-    def _features(self, ctx: torch.Tensor | None) -> torch.Tensor:
-        emb = self.text.embed(self.tokens)
+    def _features(self, ctx: torch.Tensor | None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.tokens if tokens is None else tokens
+        emb = self.text.embed(tokens)
         if ctx is not None:
             if ctx.dim() == 2:
                 ctx = ctx.unsqueeze(0).expand(emb.shape[0], -1, -1)
             emb = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + self.n_ctx:]], dim=1)
-        return self.text(emb, self.tokens)
+        return self.text(emb, tokens)
+
+    def encode_new_names(self, names: list[str], negative: bool = False) -> torch.Tensor:
+        """Text features (N, D) of names the prompts were not trained on, through the learnt context: the shared
+        context, or the mean of the class-specific ones (the context of an average category). With ``negative``,
+        the negative context: the "absent" side of a DualCoOp-style pair for a zero-shot category."""
+        ctx = self.neg_ctx if negative else self.ctx
+        if ctx is None:
+            raise ValueError(f"no learnt {'negative ' if negative else ''}context (prompt mode {self.mode!r})")
+        ctx = ctx.mean(dim=0) if ctx.dim() == 3 else ctx
+        texts = [" ".join(["X"] * self.n_ctx) + f" {n}." for n in names]
+        tokens = tokenize(texts, self.text.context_length).to(self.text.token_embedding.weight.device)
+        return self._features(ctx, tokens)
 
     @property
     def trainable(self) -> bool:

@@ -11,7 +11,9 @@ category keeps its learnt prompt features t_c, its semantic vector w_c and its b
 match is zero-shot:
 
 - prompt: CLIP text of its handcrafted prompt (``prompt``, default ``"a photo of a {name}."``), no learnt context;
-  negative prompts (DualCoOp-style) have no zero-shot counterpart, so its negative term is left out;
+- negative prompt (``dualcoop``, and ``sarl`` with ``negative_prompts``): the learnt negative context (the mean of
+  the class-specific ones) in front of its name. Leaving the negative side out would score s * cos+ alone, about
+  +20 logits with CLIP's cosines of about 0.2: p close to 1 on every image;
 - semantic vector: its explicit ``vector``, else word vectors or CLIP text as the model was trained
   (``ModelConfig.semantic_source``), centred with the training mean (``SARLModel.semantic_mean``) and
   normalised exactly as the trained vectors were;
@@ -45,7 +47,7 @@ class BoundVocabulary:
     vocabulary: Vocabulary
     trained_index: tuple[int | None, ...]  # row of the trained model per served category; None: zero-shot
     text_pos: torch.Tensor  # (C, D)
-    text_neg: torch.Tensor | None  # (C, D); zero rows for zero-shot categories
+    text_neg: torch.Tensor | None  # (C, D); zero-shot rows from the learnt negative context
     semantics: torch.Tensor | None  # (C, S), only for the sarl head
     bias: torch.Tensor  # (C,)
 
@@ -131,6 +133,10 @@ def _zero_shot_semantics(model: SARLModel, categories: list[Category], word_vect
     return F.normalize(raw - model.semantic_mean.to(raw), dim=-1)
 
 
+def _chunked(encode: Any, texts: list[str]) -> torch.Tensor:
+    return torch.cat([encode(texts[i:i + PROMPT_CHUNK]) for i in range(0, len(texts), PROMPT_CHUNK)])
+
+
 @torch.no_grad()
 def bind_vocabulary(model: SARLModel, vocabulary: Vocabulary, word_vectors: Any = None) -> BoundVocabulary:
     """Compute the per-category tensors of ``vocabulary`` for ``model`` (in eval mode; not on the request path).
@@ -146,11 +152,13 @@ def bind_vocabulary(model: SARLModel, vocabulary: Vocabulary, word_vectors: Any 
     device = trained_pos.device
     zero = [i for i, r in enumerate(rows) if r is None]
     zero_cats = [vocabulary.categories[i] for i in zero]
-    handcrafted = None
+    handcrafted = negative = None
     if zero:  # in chunks: thousands of zero-shot prompts in one text forward would be one huge activation
         prompts = [c.prompt_text() for c in zero_cats]
-        handcrafted = torch.cat([model.text.encode_texts(prompts[i:i + PROMPT_CHUNK])
-                                 for i in range(0, len(prompts), PROMPT_CHUNK)])
+        handcrafted = _chunked(model.text.encode_texts, prompts)
+        if trained_neg is not None:
+            negative = _chunked(lambda names: model.prompts.encode_new_names(names, negative=True),
+                                [c.name for c in zero_cats])
 
     def gather(trained: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
         out = torch.zeros(len(rows), *trained.shape[1:], dtype=trained.dtype, device=device)
@@ -171,7 +179,7 @@ def bind_vocabulary(model: SARLModel, vocabulary: Vocabulary, word_vectors: Any 
         vocabulary=vocabulary,
         trained_index=tuple(rows),
         text_pos=gather(trained_pos.detach(), handcrafted),
-        text_neg=gather(trained_neg.detach(), None) if trained_neg is not None else None,
+        text_neg=gather(trained_neg.detach(), negative) if trained_neg is not None else None,
         semantics=semantics,
         bias=gather(bias, bias.mean().expand(len(zero)) if zero else None),
     )

@@ -7,6 +7,7 @@ from gensim.models import KeyedVectors
 
 from sarl.model import Category, Vocabulary, create_model
 from sarl.model.checkpoint import save_checkpoint
+from sarl.model.prompts import tokenize
 from sarl.model.serving import bind_vocabulary, match_trained, vocabulary_problems
 
 NAMES = ["circle", "square", "red car"]
@@ -106,3 +107,36 @@ def test_vocabulary_problems_against_a_checkpoint(word_model):
     assert "'moon': vector has 4 dimensions; the model's semantic vectors have 6" in problems
     assert "'ring' matches several trained categories ('square', 'red car')" in problems
     assert "give the word vector file" in "\n".join(vocabulary_problems(Vocabulary([Category("star")]), directory))
+
+
+def _clip_like(m, weight: float = 0.5):
+    """Make the towers' outputs share one direction, as CLIP's do: every image-text cosine is then about 0.2."""
+    gen = torch.Generator().manual_seed(5)
+    direction = F.normalize(torch.randn(m.text.text_projection.shape[-1], generator=gen), dim=0)
+    text_forward, visual_forward = m.text.forward, m.visual.forward
+    m.text.forward = lambda emb, tokens: F.normalize(text_forward(emb, tokens), dim=-1) + weight * direction
+    m.visual.forward = lambda images: tuple(F.normalize(f, dim=-1) + weight * direction for f in visual_forward(images))
+    m.load_state_dict(m.state_dict())  # drops the cached text features
+    return m
+
+
+@pytest.mark.parametrize("head", ["dualcoop", "sarl"])
+def test_zero_shot_category_with_negative_prompts_is_not_scored_present_everywhere(head, images):
+    torch.manual_seed(0)
+    m = _clip_like(create_model("tiny", NAMES, head=head, negative_prompts=True).eval())
+    pos, _ = m.text_features()
+    dense, _ = m.encode_image(images)
+    cos = F.normalize(dense, dim=-1) @ F.normalize(pos, dim=-1).t()
+    assert 0.1 < cos.mean() < 0.35  # the premise: CLIP-like cosines, so s * cos+ alone is about +4 per region
+    bound = bind_vocabulary(m, Vocabulary([*m.vocabulary.categories, Category("star")], version="2"))
+    assert bound.zero_shot == [False, False, False, True]
+    # Its negative side is the learnt negative context (the mean of the class-specific ones) before its name.
+    ctx = m.prompts.neg_ctx.mean(dim=0)
+    star = bind_vocabulary(m, Vocabulary([Category("star")], version="s")).text_neg[0]
+    tokens = tokenize(["X " * m.prompts.n_ctx + "star."], m.text.context_length)
+    emb = m.text.embed(tokens)
+    emb = torch.cat([emb[:, :1], ctx[None], emb[:, 1 + m.prompts.n_ctx:]], dim=1)
+    torch.testing.assert_close(star, m.text.forward(emb, tokens)[0])
+    torch.testing.assert_close(bound.text_neg[3], star)
+    p = bound.score(m, images)[:, 3]
+    assert p.max() < 0.9  # without a negative side: 100 x cos+ (dualcoop) or 20 x cos+ (sarl), p ~ 1 everywhere
