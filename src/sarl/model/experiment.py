@@ -81,6 +81,8 @@ class LossConfig:
     name: str = field("asl", choices=tuple(LOSSES))
     params: dict = field(default_factory=dict)  # e.g. {gamma_neg: 2, gamma_pos: 1, margin: 0.05}
     completion: dict | None = None  # label completion: {warmup_epochs, t_pos, t_neg, weight}
+    # Multiplies the whole loss (completion term included): DualCoOp's ``loss_w`` ("larger loss_w for smaller pp").
+    weight: float = field(1.0, check=positive())
 
 
 @dataclasses.dataclass
@@ -156,7 +158,7 @@ class ExperimentConfig:
             raise ConfigError(f"cache.enabled needs a frozen visual tower, but model.unfreeze is {mcfg.unfreeze!r}: "
                               "set model.unfreeze=none, or disable the cache")
         try:
-            build_loss(self.loss.name, completion=self.loss.completion, **self.loss.params)
+            build_loss(self.loss.name, completion=self.loss.completion, weight=self.loss.weight, **self.loss.params)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"loss: {exc}") from None
 
@@ -319,7 +321,8 @@ def experiment_vocabulary(cfg: ExperimentConfig, categories: list[str]) -> Vocab
 def build_components(cfg: ExperimentConfig, categories: list[str], steps_per_epoch: int, world_size: int = 1):
     """Model, loss, optimiser and per-step scheduler for an experiment on ``world_size`` data-parallel workers."""
     model = create_model(cfg.model_config(), experiment_vocabulary(cfg, categories))
-    loss_fn = build_loss(cfg.loss.name, completion=cfg.loss.completion, **cfg.loss.params)
+    loss_fn = build_loss(cfg.loss.name, completion=cfg.loss.completion, weight=cfg.loss.weight,
+                         **cfg.loss.params)
     o = cfg.optim
     lr = o.effective_lr(cfg.train.batch_size, world_size)
     optimizer = engine.build_optimizer(model, o.name, lr, o.weight_decay, o.momentum)

@@ -11,6 +11,9 @@ normalisation of each loss is stated in its docstring; in short:
   entries`` with ``p_i`` the image's known proportion, averaged over the B images.
 - ``an``, ``wan``, ``ll_r``, ``ll_ct``: mean over all B * C entries (unknown entries are assumed negative).
 
+``build_loss(name, weight=w)`` multiplies the whole loss by ``w``, as DualCoOp's ``loss_w`` multiplies its
+summed ASL (``utils/trainers.py``: ``loss = args.loss_w * criterion(...)``).
+
 Modules expose ``set_epoch(epoch)`` (1-based, as both training loops count: ``range(1, epochs + 1)``;
 1 before any call) so that epoch-dependent losses (the large-loss schedule, label completion)
 need no other hook.
@@ -46,11 +49,13 @@ __all__ = [
     "PartialBCELoss",
     "PartialLoss",
     "WeakAssumeNegativeLoss",
+    "WeightedLoss",
     "WithLabelCompletion",
     "an_loss",
     "asl_loss",
     "bce_loss",
     "build_loss",
+    "large_loss_count",
     "large_loss_rate",
     "ll_ct_loss",
     "ll_r_loss",
@@ -172,13 +177,32 @@ def wan_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.where(unknown, w * loss, loss).mean()
 
 
-def _largest_unknown(loss: Tensor, unknown: Tensor, rate: float) -> Tensor:
-    """Mask of the ``ceil(rate * n_unknown)`` unknown entries with the largest (detached) loss."""
+_COUNTS = ("unknown", "all")
+
+
+def large_loss_count(rate: float, n_unknown: int, n_entries: int, count: str = "unknown") -> int:
+    """How many unknown entries the large-loss methods modify in a batch of ``n_entries`` entries.
+
+    ``count="unknown"`` (the default): ``ceil(rate * n_unknown)``, the fraction ``rate`` of the unknown entries
+    that Kim et al. describe. ``count="all"``: ``ceil(rate * n_entries)`` (``n_entries = B * C``), capped at
+    ``n_unknown``, as the official LargeLossMatters code counts (``losses.py``:
+    ``k = ceil(batch_size * num_classes * (1 - clean_rate))``). That code was written for single positive
+    labels, where ``n_unknown = B * C - B``: there the two counts differ by at most ``ceil(rate * B)``
+    entries. With partial labels of known proportion p, ``n_unknown`` is about ``(1 - p) * B * C`` and
+    ``"all"`` modifies a fraction ``rate / (1 - p)`` of the unknown entries: at p = 0.5 twice the intended one.
+    """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must lie in [0, 1], got {rate}")
-    n_unknown = int(unknown.sum())
+    if count not in _COUNTS:
+        raise ValueError(f"unknown count {count!r}; valid: {list(_COUNTS)}")
+    base = n_unknown if count == "unknown" else n_entries
     # The small slack keeps ceil(0.3 * 10) at 3 despite floating-point error.
-    k = min(n_unknown, math.ceil(rate * n_unknown - 1e-9))
+    return min(n_unknown, math.ceil(rate * base - 1e-9))
+
+
+def _largest_unknown(loss: Tensor, unknown: Tensor, rate: float, count: str = "unknown") -> Tensor:
+    """Mask of the :func:`large_loss_count` unknown entries with the largest (detached) loss."""
+    k = large_loss_count(rate, int(unknown.sum()), unknown.numel(), count)
     mask = torch.zeros_like(unknown)
     if k <= 0:
         return mask
@@ -187,27 +211,28 @@ def _largest_unknown(loss: Tensor, unknown: Tensor, rate: float) -> Tensor:
     return mask
 
 
-def ll_r_loss(logits: Tensor, targets: Tensor, rate: float) -> Tensor:
+def ll_r_loss(logits: Tensor, targets: Tensor, rate: float, count: str = "unknown") -> Tensor:
     """Large-loss rejection (LL-R, Kim et al., CVPR 2022) on the AN loss.
 
     Among the unknown entries (assumed negative), the ``ceil(rate * n_unknown)`` with the largest
     loss in the batch are likely false negatives: they get weight 0 (and zero gradient). The
     sum is divided by all B * C entries, as in the official code (rejected entries included).
+    ``count="all"`` counts as the official code does, ``ceil(rate * B * C)`` (see :func:`large_loss_count`).
     """
     y, _, unknown = _check(logits, targets)
     loss = _bce_matrix(logits, y)
-    rejected = _largest_unknown(loss, unknown, rate)
+    rejected = _largest_unknown(loss, unknown, rate, count)
     return torch.where(rejected, 0.0, loss).sum() / loss.numel()
 
 
-def ll_ct_loss(logits: Tensor, targets: Tensor, rate: float) -> Tensor:
+def ll_ct_loss(logits: Tensor, targets: Tensor, rate: float, count: str = "unknown") -> Tensor:
     """Large-loss temporary correction (LL-Ct, Kim et al., CVPR 2022) on the AN loss.
 
-    As ``ll_r``, but the selected unknown entries are treated as positives for this batch only
-    (the stored labels never change). Averaged over all B * C entries.
+    As ``ll_r`` (``count`` included), but the selected unknown entries are treated as positives for this
+    batch only (the stored labels never change). Averaged over all B * C entries.
     """
     y, _, unknown = _check(logits, targets)
-    flipped = _largest_unknown(_bce_matrix(logits, y), unknown, rate)
+    flipped = _largest_unknown(_bce_matrix(logits, y), unknown, rate, count)
     return _bce_matrix(logits, torch.where(flipped, 1.0, y)).mean()
 
 
@@ -284,17 +309,23 @@ class WeakAssumeNegativeLoss(PartialLoss):
 
 
 class _LargeLoss(PartialLoss):
-    """Shared schedule of the large-loss modules: ``rate = min(delta_rel * (epoch - 1), max_rate)``, 1-based."""
+    """Shared schedule of the large-loss modules: ``rate = min(delta_rel * (epoch - 1), max_rate)``, 1-based.
 
-    def __init__(self, delta_rel: float = 0.002, max_rate: float = 1.0) -> None:
+    ``count`` says what ``rate`` is a fraction of: ``"unknown"`` (default) the batch's unknown entries,
+    ``"all"`` all its B * C entries as the official code (see :func:`large_loss_count`).
+    """
+
+    def __init__(self, delta_rel: float = 0.002, max_rate: float = 1.0, count: str = "unknown") -> None:
         super().__init__()
         if delta_rel < 0 or not 0.0 <= max_rate <= 1.0:
             raise ValueError(f"need delta_rel >= 0 and 0 <= max_rate <= 1; got {delta_rel}, {max_rate}")
-        self.delta_rel, self.max_rate = delta_rel, max_rate
+        if count not in _COUNTS:
+            raise ValueError(f"unknown count {count!r}; valid: {list(_COUNTS)}")
+        self.delta_rel, self.max_rate, self.count = delta_rel, max_rate, count
 
     @property
     def rate(self) -> float:
-        """Fraction of the batch's unknown entries modified at the current epoch."""
+        """Fraction of the batch's unknown entries (or of all entries, ``count="all"``) modified now."""
         return large_loss_rate(self.epoch, self.delta_rel, self.max_rate)
 
 
@@ -302,14 +333,14 @@ class LargeLossRejection(_LargeLoss):
     """``ll_r``: reject the largest unknown-entry losses (see :func:`ll_r_loss`)."""
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return ll_r_loss(logits, targets, self.rate)
+        return ll_r_loss(logits, targets, self.rate, self.count)
 
 
 class LargeLossCorrection(_LargeLoss):
     """``ll_ct``: flip the largest unknown-entry losses to positives (see :func:`ll_ct_loss`)."""
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return ll_ct_loss(logits, targets, self.rate)
+        return ll_ct_loss(logits, targets, self.rate, self.count)
 
 
 class LabelCompletion(nn.Module):
@@ -373,6 +404,23 @@ class WithLabelCompletion(PartialLoss):
         return self.base(logits, targets) + self.completion(logits, targets)
 
 
+class WeightedLoss(PartialLoss):
+    """``weight`` times a loss (DualCoOp's ``loss_w``); ``set_epoch`` reaches the loss."""
+
+    def __init__(self, base: PartialLoss, weight: float) -> None:
+        super().__init__()
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        self.base, self.weight = base, float(weight)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.base.set_epoch(epoch)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return self.weight * self.base(logits, targets)
+
+
 LOSSES: dict[str, type[PartialLoss]] = {
     "bce": KnownBCELoss,
     "partial_bce": PartialBCELoss,
@@ -393,16 +441,21 @@ def _instantiate(cls: type[nn.Module], what: str, params: dict[str, Any]) -> Any
     return cls(**params)
 
 
-def build_loss(name: str, completion: dict[str, Any] | None = None, **params: Any) -> PartialLoss:
+def build_loss(name: str, completion: dict[str, Any] | None = None, weight: float = 1.0,
+               **params: Any) -> PartialLoss:
     """Build the loss registered as ``name`` (one of :data:`LOSSES`) with keyword ``params``.
 
     ``completion``, when given, holds the :class:`LabelCompletion` keywords and wraps the loss
-    with the completion term. An unknown name or parameter raises ``ValueError`` listing the
+    with the completion term. ``weight`` (> 0) multiplies the whole loss, the completion term
+    included: ``weight * (base + completion)``, as DualCoOp's ``loss_w``; with the default 1 the
+    loss is returned unwrapped. An unknown name or parameter raises ``ValueError`` listing the
     valid choices, so a typo in a config fails at start-up rather than being ignored.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {sorted(LOSSES)}")
+    if not weight > 0:
+        raise ValueError(f"weight must be > 0, got {weight}")
     loss = _instantiate(LOSSES[name], f"loss {name!r}", params)
     if completion is not None:
         loss = WithLabelCompletion(loss, _instantiate(LabelCompletion, "label completion", dict(completion)))
-    return loss
+    return loss if weight == 1.0 else WeightedLoss(loss, weight)

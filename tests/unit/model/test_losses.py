@@ -7,14 +7,19 @@ official ASL), not from the implementation. Epochs are 1-based, as the training 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from sarl.model.config import ConfigError, load_config
+from sarl.model.experiment import ExperimentConfig, build_components
 from sarl.model.losses import (
     LOSSES,
     AsymmetricLoss,
     LabelCompletion,
+    LargeLossRejection,
+    WeightedLoss,
     WithLabelCompletion,
     an_loss,
     asl_loss,
@@ -500,3 +505,174 @@ def test_build_loss_unknown_completion_parameter():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="B, C"):
         bce_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ---- loss weight: DualCoOp's loss_w (utils/trainers.py: loss = args.loss_w * criterion(...)) -----------------------
+
+
+def test_weight_multiplies_the_summed_asl_as_dualcoops_loss_w():
+    logits, targets = make_batch(4)
+    loss = build_loss("asl", weight=0.03)(logits, targets)
+    assert loss.item() == pytest.approx(0.03 * ref_asl(logits, targets, reduction="sum"), rel=1e-10)
+    # On the case worked out by hand: value and gradient are 0.03 x the summed ASL's.
+    hand = torch.tensor(ASL_LOGITS, dtype=torch.float64, requires_grad=True)
+    total, detached, _ = _hand_asl()
+    weighted = build_loss("asl", weight=0.03)(hand, torch.tensor(ASL_TARGETS))
+    assert weighted.item() == pytest.approx(0.03 * total, rel=1e-12)
+    (grad,) = torch.autograd.grad(weighted, hand)
+    assert torch.allclose(grad, 0.03 * torch.tensor(detached, dtype=torch.float64), rtol=1e-10, atol=1e-15)
+
+
+def test_weight_multiplies_base_and_completion_and_passes_the_epoch_on():
+    logits, targets = make_batch(0)
+    completion = {"warmup_epochs": 2, "t_pos": 0.8, "t_neg": 0.2, "weight": 0.5}
+    loss = build_loss("ll_r", completion=completion, weight=0.2, delta_rel=0.1)
+    assert isinstance(loss, WeightedLoss) and isinstance(loss.base, WithLabelCompletion)
+    loss.set_epoch(3)  # rate 0.2, completion active
+    assert loss.base.base.rate == pytest.approx(0.2) and loss.base.completion.active
+    extra = ref_completion(logits, targets, 0.8, 0.2, 0.5)
+    assert extra > 0
+    expected = 0.2 * (ref_ll(logits, targets, 0.2, flip=False) + extra)  # the whole loss times the weight
+    assert loss(logits, targets).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_default_weight_leaves_the_loss_as_it_was():
+    assert type(build_loss("asl")) is AsymmetricLoss and type(build_loss("asl", weight=1.0)) is AsymmetricLoss
+    assert load_config(ExperimentConfig, None, []).loss.weight == 1.0
+
+
+@pytest.mark.parametrize("weight", [0, -0.03])
+def test_weight_must_be_positive(weight):
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        build_loss("asl", weight=weight)
+    with pytest.raises(ConfigError, match=r"^loss\.weight: .* must be > 0"):
+        load_config(ExperimentConfig, None, [f"loss.weight={weight}"])
+
+
+def test_the_experiment_trains_with_the_configured_weight():
+    cfg = load_config(ExperimentConfig, None, ["loss.weight=0.03", "model.rank=8"])
+    _, loss_fn, _, _ = build_components(cfg, ["circle", "square", "red car"], steps_per_epoch=10)
+    logits, targets = make_batch(5, c=3)
+    assert loss_fn(logits, targets).item() == pytest.approx(0.03 * ref_asl(logits, targets), rel=1e-10)
+
+
+# ---- large-loss count: ours ceil(rate * n_unknown), LargeLossMatters' ceil(B * C * (1 - clean_rate)) ---------------
+
+
+def ref_top_k_unknown(logits, targets, k):
+    """The (i, j) of the k unknown entries with the largest AN loss."""
+    unknown = sorted(((_bce(x, 0), (i, j)) for i, j, x, t in _entries(logits, targets) if t < 0), reverse=True)
+    return {ij for _, ij in unknown[:k]}
+
+
+def _rejected(logits, targets, rate, **kw):
+    """The entries LL-R gives zero gradient (every other entry's BCE gradient is nonzero)."""
+    return {(i, j) for i, j in (_grad(ll_r_loss, logits, targets, rate=rate, **kw) == 0).nonzero().tolist()}
+
+
+def test_count_all_rejects_ceil_rate_times_all_entries_as_the_official_code():
+    logits, targets = make_batch(2, b=8, c=10)
+    b, c = logits.shape
+    rate = 0.15
+    k = math.ceil(round(rate * b * c, 9))  # LargeLossMatters: ceil(batch_size * num_classes * (1 - clean_rate))
+    assert k == 12 and k != math.ceil(round(rate * int((targets < 0).sum()), 9))
+    assert _rejected(logits, targets, rate, count="all") == ref_top_k_unknown(logits, targets, k)
+    flipped = targets.clone()
+    for i, j in ref_top_k_unknown(logits, targets, k):
+        flipped[i, j] = 1
+    assert ll_ct_loss(logits, targets, rate, count="all").item() == pytest.approx(
+        an_loss(logits, flipped).item(), rel=1e-12)
+    module = build_loss("ll_r", delta_rel=0.075, count="all")
+    module.set_epoch(3)  # rate 2 x 0.075 = 0.15
+    assert module(logits, targets).item() == pytest.approx(ll_r_loss(logits, targets, rate, count="all").item())
+
+
+def test_count_all_is_capped_at_the_unknown_entries():
+    logits, targets = make_batch(2, b=8, c=10)
+    unknown = {(i, j) for i, j in (targets < 0).nonzero().tolist()}
+    assert len(unknown) < math.ceil(0.9 * logits.numel())
+    assert _rejected(logits, targets, 0.9, count="all") == unknown  # no known entry is ever rejected
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.1, 0.33])
+def test_counts_agree_within_ceil_rate_b_for_single_positive_labels(rate):
+    """One known positive per image, the rest unknown (what LargeLossMatters was written for): n_unknown = BC - B."""
+    b, c = 16, 20
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(b, c, generator=g, dtype=torch.float64) * 2.5).requires_grad_(True)
+    targets = torch.full((b, c), -1)
+    targets[torch.arange(b), torch.randint(c, (b,), generator=g)] = 1
+    n_all = len(_rejected(logits, targets, rate, count="all"))
+    n_ours = len(_rejected(logits, targets, rate))
+    assert n_all == math.ceil(round(rate * b * c, 9)) and n_ours == math.ceil(round(rate * (b * c - b), 9))
+    assert 0 <= n_all - n_ours <= math.ceil(rate * b)
+
+
+def test_count_all_doubles_the_rejected_fraction_at_half_known_labels():
+    logits, _ = make_batch(3, b=8, c=10)
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(10), indexing="ij")
+    targets = torch.where((rows + cols) % 2 == 0, 0, -1)  # p = 0.5: 40 known, 40 unknown
+    n_all, n_ours = (len(_rejected(logits, targets, 0.1, **kw)) for kw in ({"count": "all"}, {}))
+    assert (n_ours, n_all) == (4, 8)  # rate / (1 - p) = 0.2 of the unknown entries instead of 0.1
+
+
+def test_default_count_is_unchanged():
+    logits, targets = make_batch(1, b=8, c=10)
+    assert LargeLossRejection().count == "unknown" and build_loss("ll_ct").count == "unknown"
+    for rate in (0.1, 0.25):
+        assert ll_r_loss(logits, targets, rate).item() == pytest.approx(ref_ll(logits, targets, rate, False), rel=1e-12)
+        assert ll_ct_loss(logits, targets, rate).item() == pytest.approx(ref_ll(logits, targets, rate, True), rel=1e-12)
+        assert _rejected(logits, targets, rate) == _rejected(logits, targets, rate, count="unknown")
+
+
+def test_unknown_count_is_an_error():
+    with pytest.raises(ValueError, match="count 'batch'.*'unknown', 'all'"):
+        build_loss("ll_r", count="batch")
+    logits, targets = make_batch(0)
+    with pytest.raises(ValueError, match="count"):
+        ll_r_loss(logits, targets, 0.1, count="entries")
+
+
+# ---- the jobs' loss scale -----------------------------------------------------------------------------------------
+
+JOBS = Path(__file__).resolve().parents[3] / "jobs"
+
+
+@pytest.mark.parametrize("name, lr, proportion, weight", [
+    ("voc2007_dualcoop_rn101", 0.001, 0.5, 0.03),  # README: lr 0.001 for VOC2007; loss_w 0.03 at pp 0.5
+    ("coco2014_dualcoop_rn101", 0.002, 0.5, 0.03),  # README's example: --lr 0.002 --loss_w 0.03 -pp 0.5
+    ("voc2007_rn101", 0.001, 0.1, 0.15),  # loss_w x p kept at 0.03 x 0.5
+    ("coco2014_rn101", 0.002, 0.1, 0.15),
+])
+def test_jobs_sum_asl_at_dualcoops_lr_and_loss_weight(name, lr, proportion, weight):
+    from sarl.platform.job import load_job
+
+    job = load_job(JOBS / f"{name}.yaml")
+    assert (job.loss.name, job.loss.params["reduction"], job.loss.params["gamma_neg"], job.loss.params["gamma_pos"],
+            job.loss.params["margin"]) == ("asl", "sum", 2.0, 1.0, 0.05)
+    assert (job.optim.lr, job.optim.lr_batch_size, job.train.batch_size, job.train.epochs) == (lr, 32, 32, 50)
+    assert job.data.known_proportion == proportion and job.loss.weight == pytest.approx(weight)
+    assert job.loss.weight * job.data.known_proportion == pytest.approx(0.03 * 0.5)
+    assert job.model["head"] == ("dualcoop" if "dualcoop" in name else "sarl")
+
+
+def test_the_sweep_compares_every_loss_as_a_mean_at_weight_one():
+    """A mean over entries gives the same loss for a batch and for that batch twice over; a sum doubles."""
+    from sarl.platform.tune import load_sweep, trial_job
+
+    sweep, job = load_sweep(JOBS / "sweep_voc2007.yaml")
+    logits, targets = make_batch(6)
+    twice = torch.cat([logits, logits]).detach(), torch.cat([targets, targets])
+    names = sweep.space["loss.name"]["choice"]
+    assert set(names) == set(LOSSES)
+    for name in names:
+        params = {"loss.name": name}
+        for key, spec in sweep.space.items():  # the loss's own (conditional) parameters, at their first value
+            wanted = (spec.get("when") or {}).get("loss.name", [])
+            if key.startswith("loss.params.") and name in (wanted if isinstance(wanted, list) else [wanted]):
+                params[key] = next(iter(spec.get("choice") or spec.get("uniform") or spec.get("loguniform")))
+        trial = trial_job(job, sweep.space, params).loss
+        assert trial.weight == 1.0, name
+        fn = build_loss(trial.name, completion=trial.completion, weight=trial.weight, **trial.params)
+        fn.set_epoch(1)
+        assert fn(*twice).item() == pytest.approx(fn(logits, targets).item(), rel=1e-10), name
