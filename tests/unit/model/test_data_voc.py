@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from sarl.model.config import from_dict
 from sarl.model.data import VOC_CLASSES, build_dataset, build_transforms, parse_voc_xml
+from sarl.model.data.build import check_options
+from sarl.model.experiment import ExperimentConfig, prepare_data
+
+JOBS = Path(__file__).resolve().parents[3] / "jobs"
 
 
 def _cards_root() -> Path:
@@ -115,9 +121,49 @@ def test_devkit_difficult_only_is_absent_in_training_as_the_peers_read_it(devkit
     train = build_dataset("voc", devkit, "train", None)
     assert train.labels[0, VOC_CLASSES.index("cat")] == 0  # DualCoOp / HCP-MLR-PL skip difficult objects
     assert train.labels[0, VOC_CLASSES.index("dog")] == 1  # a non-difficult dog is in the image too
-    assert build_dataset("voc", devkit, "train", None, difficult="present").labels[0, VOC_CLASSES.index("cat")] == 1
-    assert build_dataset("voc", devkit, "train", None, difficult="unknown").labels[0, VOC_CLASSES.index("cat")] == -1
     assert ds[0][0].shape == (3, 12, 16)
+
+
+@pytest.mark.parametrize("difficult, label", [("unknown", -1), ("absent", 0)])
+def test_difficult_only_in_test_follows_the_option(devkit: Path, difficult: str, label: int) -> None:
+    """000002's cat is difficult only: unknown (VOC devkit) or absent (DualCoOp, HCP-MLR-PL) in test."""
+    ds = build_dataset("voc", devkit, "test", None, difficult=difficult)
+    assert ds.labels[0, VOC_CLASSES.index("cat")] == label
+    assert ds.labels[0, VOC_CLASSES.index("dog")] == 1  # a non-difficult dog too: present either way
+    assert ds.difficult == difficult  # recorded for the tables, and kept by the copies the experiment makes
+    assert ds.with_labels(ds.labels).difficult == ds.subset([0]).difficult == ds.with_transform(None).difficult
+
+
+@pytest.mark.parametrize("difficult", ["unknown", "absent"])
+def test_difficult_only_in_training_is_absent_under_either_option(devkit: Path, difficult: str) -> None:
+    (devkit / "VOC2007" / "ImageSets" / "Main" / "train.txt").write_text("000002\n")
+    train = build_dataset("voc", devkit, "train", None, difficult=difficult)
+    assert train.labels[0, VOC_CLASSES.index("cat")] == 0 and train.labels[0, VOC_CLASSES.index("dog")] == 1
+    assert train.difficult == "absent"
+
+
+def test_difficult_default_is_the_devkits_unknown(devkit: Path) -> None:
+    assert build_dataset("voc", devkit, "test", None).difficult == "unknown"
+
+
+@pytest.mark.parametrize("value", ["present", "auto", "Absent"])
+def test_bad_difficult_value_names_the_option_and_the_choices(devkit: Path, value: str) -> None:
+    message = rf"data\.options\.difficult: '{value}' is not one of unknown, absent"
+    with pytest.raises(ValueError, match=message):
+        build_dataset("voc", devkit, "test", None, difficult=value)
+    with pytest.raises(ValueError, match=message):  # when a job is loaded, before any worker starts
+        check_options("voc", {"difficult": value})
+
+
+@pytest.mark.parametrize("job", ["voc2007_rn101.yaml", "voc2007_dualcoop_rn101.yaml"])
+def test_voc_jobs_score_difficult_objects_as_the_peers(devkit: Path, job: str) -> None:
+    """The job's data.options reach the VOC data sets through prepare_data: test labels absent, as the peers'."""
+    spec = yaml.safe_load((JOBS / job).read_text())
+    assert spec["data"]["options"]["difficult"] == "absent"
+    data = {**spec["data"], "root": str(devkit), "val_fraction": 0.0, "num_workers": 0}
+    splits = prepare_data(from_dict(ExperimentConfig, {"model": spec["model"], "data": data}))
+    assert splits.test.labels[0, VOC_CLASSES.index("cat")] == 0
+    assert splits.test.difficult == "absent" and splits.train.difficult == "absent"
 
 
 def test_devkit_unknown_split_lists_available(devkit: Path) -> None:

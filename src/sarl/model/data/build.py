@@ -16,7 +16,7 @@ from .datasets import MultiLabelDataset, check_on_bad_image
 from .manifest import build_manifest
 from .nuswide import build_nuswide
 from .synthetic import SyntheticShapes
-from .voc import VOC_WORDS, build_voc
+from .voc import VOC_WORDS, build_voc, check_difficult
 
 
 def build_synthetic(
@@ -52,6 +52,8 @@ DATASET_WORDS: dict[str, dict[str, str]] = {"voc": VOC_WORDS}
 # What a builder's ``**kwargs`` go to, so that ``check_options`` knows their names too.
 _FORWARDED: dict[str, Callable[..., Any]] = {"synthetic": SyntheticShapes}
 _COMMON_ARGS = ("root", "split", "transform", "categories", "on_bad_image")
+# Options whose values can be checked without the data: kind -> {option: check raising ValueError}.
+_OPTION_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {"voc": {"difficult": check_difficult}}
 
 
 def dataset_options(kind: str) -> tuple[str, ...] | None:
@@ -71,7 +73,8 @@ def dataset_options(kind: str) -> tuple[str, ...] | None:
 
 
 def check_options(kind: str, options: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming any ``options`` key the kind's builder does not take, and the valid ones.
+    """Raise ``ValueError`` naming any ``options`` key the kind's builder does not take, and the valid ones,
+    or a value that cannot be right (VOC's ``difficult``).
 
     Called when a job is loaded, so that a wrong key fails before any worker starts, not as a TypeError inside
     the workers.
@@ -81,6 +84,9 @@ def check_options(kind: str, options: Mapping[str, Any]) -> None:
     if unknown:
         raise ValueError(f"data.options {', '.join(map(repr, unknown))} not taken by data set kind {kind!r}; "
                          f"its options are: {', '.join(valid) or '(none)'}")
+    for key, check in _OPTION_CHECKS.get(kind, {}).items():
+        if key in options:
+            check(options[key])
 
 
 def category_words(kind: str, overrides: dict[str, str] | None = None) -> dict[str, str]:

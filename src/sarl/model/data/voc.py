@@ -11,13 +11,14 @@ Two layouts are read:
   file with the XML's stem and any image extension. Categories are the sorted set of names
   found, unless given.
 
-Difficult objects. VOC07 evaluation ignores objects marked ``difficult``; here a class whose
-every object in an image is difficult gets label -1 (unknown) in evaluation splits
-(``val``, ``test``), so metrics skip it, as in VOC07. In training splits such a class is 0
-(absent): DualCoOp and HCP-MLR-PL skip difficult objects when they read the annotations, and
-the reference numbers (SARL.md) were trained that way, so doing otherwise would change the
-training labels the comparison rests on. ``difficult="unknown" | "present" | "absent"``
-overrides the choice for any split.
+Difficult objects: a class whose every object in an image is marked ``difficult``. In evaluation
+splits (``val``, ``test``) the option ``difficult`` (``data.options.difficult``) chooses its label:
+``"unknown"`` (-1, the default), so that metrics skip it as the VOC07 devkit ignores difficult
+objects; or ``"absent"`` (0), as DualCoOp (``dataloaders/pascal_voc.py``) and HCP-MLR-PL
+(``datasets/voc2007.py``) read the test set: they skip difficult objects in every split, and the
+peers' tables (SARL.md) were scored that way. In training splits such a class is always 0 (absent),
+as both peers train, whatever the option says. Every VOC data set records the convention its labels
+follow as its attribute ``difficult`` (``"unknown"`` or ``"absent"``), so tables can report it.
 
 Word vectors. Three VOC class names are not words (``diningtable``, ``pottedplant``,
 ``tvmonitor``); :data:`VOC_WORDS` gives the words GloVe or word2vec know them by, and the
@@ -48,7 +49,8 @@ VOC_WORDS: dict[str, str] = {"diningtable": "dining table", "pottedplant": "pott
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EVAL_SPLITS = ("val", "test")
-DIFFICULT_POLICIES = ("auto", "unknown", "present", "absent")
+DIFFICULT_POLICIES = ("unknown", "absent")  # the label of difficult-only classes in evaluation splits
+_DIFFICULT_LABELS = {"unknown": -1, "absent": 0}
 
 
 def parse_voc_xml(path: str | Path) -> tuple[str, list[tuple[str, bool]]]:
@@ -92,13 +94,23 @@ def labels_from_objects(
     return row
 
 
+def check_difficult(difficult: Any) -> str:
+    """``difficult`` itself if it is one of :data:`DIFFICULT_POLICIES`; else a ValueError naming the option."""
+    if difficult not in DIFFICULT_POLICIES:
+        raise ValueError(f"data.options.difficult: {difficult!r} is not one of {', '.join(DIFFICULT_POLICIES)} "
+                         "(the label of VOC classes seen only as difficult objects in evaluation splits)")
+    return difficult
+
+
+def difficult_policy_for(split: str, difficult: str) -> str:
+    """The convention a split's labels follow: ``difficult`` in evaluation splits, ``"absent"`` in training."""
+    check_difficult(difficult)
+    return difficult if split in EVAL_SPLITS else "absent"
+
+
 def difficult_label_for(split: str, difficult: str) -> int:
     """The label given to a class present only as difficult objects (see the module docstring)."""
-    if difficult not in DIFFICULT_POLICIES:
-        raise ValueError(f"difficult must be one of {', '.join(DIFFICULT_POLICIES)}; got {difficult!r}")
-    if difficult == "auto":
-        difficult = "unknown" if split in EVAL_SPLITS else "absent"
-    return {"unknown": -1, "present": 1, "absent": 0}[difficult]
+    return _DIFFICULT_LABELS[difficult_policy_for(split, difficult)]
 
 
 def find_image_for_xml(xml_path: Path, filename: str) -> Path | None:
@@ -134,7 +146,7 @@ def build_voc(
     categories: Sequence[str] | None = None,
     on_bad_image: str = "error",
     year: str = "2007",
-    difficult: str = "auto",
+    difficult: str = "unknown",
 ) -> MultiLabelDataset:
     """Build a VOC data set from a VOCdevkit tree or a plain folder of XML files (module docstring).
 
@@ -143,17 +155,24 @@ def build_voc(
         split: image set name (``trainval``, ``test``, ...) or sub-folder name (``train``, ``test``).
         categories: category names in column order; default VOC's 20 (devkit) or the sorted names found.
         year: VOC year folder looked for under a VOCdevkit root.
-        difficult: ``auto`` (unknown in val/test, absent otherwise), ``unknown``, ``present`` or ``absent``.
+        difficult: label of difficult-only classes in ``val``/``test``: ``unknown`` (-1) or ``absent`` (0);
+            training splits always read them as absent. The data set's ``difficult`` attribute records which.
     """
     check_on_bad_image(on_bad_image)
     root = Path(root)
-    difficult_label = difficult_label_for(split, difficult)
+    policy = difficult_policy_for(split, difficult)
     devkit = _devkit_dir(root, year)
+    ds = None
     if devkit is not None:
-        return _build_devkit(devkit, split, transform, categories, on_bad_image, difficult_label)
-    for folder in (root / split, root):
-        if folder.is_dir() and any(folder.glob("*.xml")):
-            return _build_folder(folder, transform, categories, on_bad_image, difficult_label)
+        ds = _build_devkit(devkit, split, transform, categories, on_bad_image, _DIFFICULT_LABELS[policy])
+    else:
+        for folder in (root / split, root):
+            if folder.is_dir() and any(folder.glob("*.xml")):
+                ds = _build_folder(folder, transform, categories, on_bad_image, _DIFFICULT_LABELS[policy])
+                break
+    if ds is not None:
+        ds.difficult = policy  # kept by with_labels / subset / with_transform (shallow copies)
+        return ds
     raise FileNotFoundError(
         f"no VOC data under {root}: expected VOC{year}/{{Annotations,ImageSets/Main}} (VOCdevkit), "
         f"Annotations + ImageSets/Main (VOC{year} folder), or XML files in {root / split} or {root}"
