@@ -99,3 +99,30 @@ def test_write_to_round_trips_through_manifest(tmp_path: Path) -> None:
     back = build_dataset("manifest", tmp_path / "shapes", "train", None, categories=ds.categories)
     assert np.array_equal(back.labels, ds.labels)
     assert torch.equal(back[3][0], ds[3][0])  # PNG is lossless
+
+
+def test_hard_preset_draws_grouped_small_objects_with_distractors_and_clutter():
+    from sarl.model.data.synthetic import DISTRACTORS, HARD_GROUPS, HARD_SHAPES, SyntheticShapes
+
+    ds = SyntheticShapes(200, preset="hard", seed=3)
+    assert ds.categories == list(HARD_SHAPES) and len(ds.categories) == 16
+    assert ds.labels.sum(1).min() >= 1 and ds.labels.sum(1).max() <= 4
+    scenes = [ds.scene(i) for i in range(len(ds))]
+    assert all(o.radius <= 0.21 * 64 + 1e-6 for s in scenes for o in s.objects)
+    assert any(s.distractors for s in scenes) and all(s.clutter for s in scenes)
+    assert {DISTRACTORS[d.shape] for s in scenes for d in s.distractors} == set(DISTRACTORS)
+    # Co-occurrence: most objects of an image with 3 or more share one group.
+    group_of = {name: g for g, names in enumerate(HARD_GROUPS) for name in names}
+    many = [[group_of[HARD_SHAPES[o.shape]] for o in s.objects] for s in scenes if len(s.objects) >= 3]
+    shared = sum(max(g.count(x) for x in g) >= 2 for g in many) / len(many)
+    assert shared > 0.8
+    again = SyntheticShapes(200, preset="hard", seed=3)
+    assert (again.labels == ds.labels).all()
+    assert np.array_equal(np.asarray(again.load_image(7)), np.asarray(ds.load_image(7)))
+
+
+def test_unknown_preset_is_refused():
+    from sarl.model.data.synthetic import SyntheticShapes
+
+    with pytest.raises(ValueError, match="unknown synthetic preset 'medium'"):
+        SyntheticShapes(4, preset="medium")

@@ -14,6 +14,12 @@ model learn in minutes on a CPU. ``class_colors=False`` leaves form as the only 
 Item ``i`` is drawn from ``np.random.default_rng([seed, crc32(split), i])``: any worker can
 render any item, with no disk and no shared state, and the same (seed, split, i) always gives
 the same pixels. ``split`` gives train and test sets of one seed independent images.
+
+``preset="hard"`` (:data:`HARD_SHAPES`, 16 categories named by real words) is a benchmark that does not saturate:
+small objects that may overlap and hide each other, a textured background with clutter strokes, unlabelled
+distractor shapes that look like a category (an ellipse beside the circle, a rectangle beside the square and the
+bar, a four-point star, an arc beside the ring and the crescent), objects in a random colour
+and distractors in a category's colour, and label co-occurrence: an image draws most of its objects from one of four groups.
 """
 
 from __future__ import annotations
@@ -31,7 +37,22 @@ from PIL import Image, ImageDraw
 from .datasets import MultiLabelDataset
 from .manifest import ManifestRow, write_manifest
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "star", "bar", "diamond")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "star", "bar", "diamond",
+                           "pentagon", "hexagon", "heart", "arrow", "crescent", "trapezoid", "chevron", "kite")
+EASY_SHAPES: tuple[str, ...] = SHAPES[:8]  # the default preset's categories
+HARD_SHAPES: tuple[str, ...] = SHAPES  # ``preset="hard"``: all 16
+# Shapes drawn in hard images without a label: each looks like one or two categories.
+DISTRACTORS: tuple[str, ...] = ("ellipse", "rectangle", "star4", "arc")
+PRESETS: tuple[str, ...] = ("easy", "hard")
+# Co-occurrence of the hard preset: an image picks one group and draws each object from it with this probability.
+HARD_GROUPS: tuple[tuple[str, ...], ...] = (("circle", "ring", "crescent", "heart"),
+                                            ("square", "diamond", "trapezoid", "kite"),
+                                            ("triangle", "arrow", "chevron", "star"),
+                                            ("cross", "bar", "pentagon", "hexagon"))
+_HARD_IN_GROUP = 0.75
+_HARD_RADIUS = (0.13, 0.21)  # small objects: the easy preset draws 0.15 to 0.23
+_HARD_RANDOM_COLOR = 0.15  # share of hard objects drawn in a random colour instead of their (shared) hue
+_HARD_JITTER = 20
 
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth edges keep small shapes recognisable
 _MIN_CONTRAST = 140.0  # least RGB distance between a shape and the background colour
@@ -40,6 +61,10 @@ _RADIUS = (0.15, 0.23)  # shape radius range, as a fraction of the image side
 # One saturated hue per shape class (with class_colors=True), in SHAPES order.
 PALETTE: tuple[tuple[int, int, int], ...] = ((230, 40, 40), (40, 200, 60), (50, 80, 235), (240, 220, 40),
                                              (220, 60, 220), (40, 220, 220), (245, 140, 30), (140, 70, 200))
+# The hard preset's colours: PALETTE's 8 hues, bright for the first 8 categories and dark for the last 8, so a
+# colour names one category, except for the objects drawn in a random colour and the distractors drawn in a
+# category's colour.
+HARD_PALETTE: tuple[tuple[int, int, int], ...] = PALETTE + tuple(tuple(int(0.5 * v) for v in c) for c in PALETTE)
 _JITTER = 25  # per-channel colour jitter around the class hue
 
 
@@ -57,10 +82,17 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """Everything needed to render one image: background colour and the shapes in drawing order."""
+    """Everything needed to render one image: background colour and the shapes in drawing order.
+
+    The hard preset adds ``clutter`` (thin strokes: RGB, width and two end points each), unlabelled
+    ``distractors`` (drawn like objects; their ``shape`` indexes :data:`DISTRACTORS`) and a second background
+    colour the background fades to (``gradient``)."""
 
     background: tuple[int, int, int]
     objects: tuple[ShapeObject, ...]
+    distractors: tuple[ShapeObject, ...] = ()
+    clutter: tuple[tuple[tuple[int, int, int], int, tuple[float, float, float, float]], ...] = ()
+    gradient: tuple[int, int, int] | None = None
 
 
 def _random_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
@@ -110,6 +142,78 @@ def draw_scene(rng: np.random.Generator, image_size: int, classes: Sequence[int]
     return Scene(tuple(int(v) for v in background), tuple(objects))
 
 
+def draw_hard_scene(rng: np.random.Generator, image_size: int, classes: Sequence[int], min_objects: int,
+                    max_objects: int) -> Scene:
+    """A hard scene (see the module docstring): grouped categories, small overlapping objects, distractors,
+    clutter and a gradient background."""
+    names = [SHAPES[c] for c in classes]
+    groups = [[names.index(n) for n in g if n in names] for g in HARD_GROUPS]
+    groups = [g for g in groups if g]
+    k = int(rng.integers(min_objects, max_objects + 1))
+    group = groups[int(rng.integers(len(groups)))] if groups else []
+    chosen: list[int] = []
+    while len(chosen) < k:
+        pool = group if group and rng.random() < _HARD_IN_GROUP else range(len(classes))
+        pool = [c for c in pool if c not in chosen] or [c for c in range(len(classes)) if c not in chosen]
+        chosen.append(int(pool[int(rng.integers(len(pool)))]))
+    first = rng.integers(20, 236, size=3)
+    second = np.clip(first + rng.integers(-60, 61, size=3), 0, 255)
+
+    def place(shape_name: str) -> tuple[float, float, float, float]:
+        radius = float(rng.uniform(*_HARD_RADIUS)) * image_size
+        cx, cy = (float(v) for v in rng.uniform(radius * 0.6, image_size - radius * 0.6, size=2))
+        angle = float(rng.uniform(-20.0, 20.0))
+        if shape_name in ("bar", "rectangle", "ellipse"):
+            angle += 90.0 * int(rng.integers(2))
+        elif shape_name in ("square", "diamond", "circle", "ring"):
+            angle = 0.0
+        return cx, cy, radius, angle
+
+    def color(hue: int) -> tuple[int, int, int]:
+        if rng.random() < _HARD_RANDOM_COLOR:
+            return _random_color(rng, first)
+        jitter = rng.integers(-_HARD_JITTER, _HARD_JITTER + 1, size=3)
+        return tuple(int(c) for c in np.clip(np.asarray(HARD_PALETTE[hue]) + jitter, 0, 255))
+
+    objects = []
+    for c in chosen:
+        shape = int(classes[c])
+        cx, cy, radius, angle = place(SHAPES[shape])
+        objects.append(ShapeObject(shape, cx, cy, radius, color(shape), angle))
+    distractors = []
+    for _ in range(int(rng.integers(0, 3))):
+        d = int(rng.integers(len(DISTRACTORS)))
+        cx, cy, radius, angle = place(DISTRACTORS[d])
+        distractors.append(ShapeObject(d, cx, cy, radius, color(int(rng.integers(len(HARD_PALETTE)))), angle))
+    clutter = []
+    for _ in range(int(rng.integers(1, 5))):
+        x0, y0 = (float(v) for v in rng.uniform(0, image_size, size=2))
+        length, theta = float(rng.uniform(0.1, 0.5)) * image_size, float(rng.uniform(0, 2 * math.pi))
+        clutter.append((_random_color(rng, first), int(rng.integers(1, 3)),
+                        (x0, y0, x0 + length * math.cos(theta), y0 + length * math.sin(theta))))
+    # Objects and distractors in one random drawing order: any of them may hide part of another.
+    return Scene(tuple(int(v) for v in first), tuple(objects), tuple(distractors), tuple(clutter),
+                 tuple(int(v) for v in second))
+
+
+def _heart(r: float, n: int = 24) -> list[tuple[float, float]]:
+    pts = []
+    for i in range(n):
+        t = 2 * math.pi * i / n
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        pts.append((r * x / 17, -r * y / 17 + 0.1 * r))
+    return pts
+
+
+def _crescent(r: float, n: int = 16) -> list[tuple[float, float]]:
+    """Outer arc of a circle of radius r, back along an inner circle shifted right: a crescent opening right."""
+    outer = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a))) for a in np.linspace(60, 300, n)]
+    inner = [(0.45 * r + 0.75 * r * math.cos(math.radians(a)), 0.75 * r * math.sin(math.radians(a)))
+             for a in np.linspace(-100, -260, n)]
+    return outer + inner
+
+
 def _polygon(name: str, r: float) -> list[tuple[float, float]]:
     """Vertices of a shape of radius ``r`` centred on the origin (y down), before rotation."""
     if name == "square":
@@ -129,26 +233,70 @@ def _polygon(name: str, r: float) -> list[tuple[float, float]]:
     if name == "bar":
         w = 0.28 * r
         return [(-r, -w), (r, -w), (r, w), (-r, w)]
+    if name in ("pentagon", "hexagon"):
+        n = 5 if name == "pentagon" else 6
+        return [(r * math.cos(math.radians(-90 + 360 * i / n)), r * math.sin(math.radians(-90 + 360 * i / n)))
+                for i in range(n)]
+    if name == "heart":
+        return _heart(r)
+    if name == "arrow":
+        w, h = 0.22 * r, 0.55 * r
+        return [(-r, -w), (0.2 * r, -w), (0.2 * r, -h), (r, 0), (0.2 * r, h), (0.2 * r, w), (-r, w)]
+    if name == "crescent":
+        return _crescent(r)
+    if name == "trapezoid":
+        return [(-0.45 * r, -0.6 * r), (0.45 * r, -0.6 * r), (r, 0.6 * r), (-r, 0.6 * r)]
+    if name == "chevron":
+        t = 0.35 * r
+        return [(-r, -0.6 * r), (0, 0.2 * r), (r, -0.6 * r), (r, -0.6 * r + t), (0, 0.2 * r + t),
+                (-r, -0.6 * r + t)]
+    if name == "kite":
+        return [(0, -r), (0.6 * r, -0.3 * r), (0, r), (-0.6 * r, -0.3 * r)]
+    if name == "rectangle":  # distractor: wider than the square, thicker than the bar
+        return [(-r, -0.55 * r), (r, -0.55 * r), (r, 0.55 * r), (-r, 0.55 * r)]
+    if name == "star4":  # distractor: a star with four points
+        return [((r if i % 2 == 0 else 0.35 * r) * math.cos(math.radians(-90 + 45 * i)),
+                 (r if i % 2 == 0 else 0.35 * r) * math.sin(math.radians(-90 + 45 * i))) for i in range(8)]
     raise ValueError(f"no polygon for shape {name!r}")
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, obj: ShapeObject) -> None:
+    cx, cy, r = obj.cx * _SUPERSAMPLE, obj.cy * _SUPERSAMPLE, obj.radius * _SUPERSAMPLE
+    a = math.radians(obj.angle)
+    cos_a, sin_a = math.cos(a), math.sin(a)
+    if name == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=obj.color)
+    elif name == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=obj.color, width=max(1, round(0.38 * r)))
+    elif name == "arc":  # distractor: two thirds of a ring
+        start = obj.angle * 10 % 360
+        draw.arc((cx - r, cy - r, cx + r, cy + r), start, start + 240, fill=obj.color, width=max(1, round(0.38 * r)))
+    elif name == "ellipse":  # distractor: a flattened circle
+        w, h = (r, 0.6 * r) if abs(obj.angle) < 45 else (0.6 * r, r)
+        draw.ellipse((cx - w, cy - h, cx + w, cy + h), fill=obj.color)
+    else:
+        points = [(cx + x * cos_a - y * sin_a, cy + x * sin_a + y * cos_a) for x, y in _polygon(name, r)]
+        draw.polygon(points, fill=obj.color)
+
+
 def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Render a scene to an RGB image of ``image_size`` pixels; ``rng`` supplies the pixel noise."""
+    """Render a scene to an RGB image of ``image_size`` pixels; ``rng`` supplies the pixel noise (and, for a hard
+    scene, the order in which objects and distractors are drawn)."""
     big = image_size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), scene.background)
+    if scene.gradient is not None:  # a linear fade from the background colour to the second one
+        ramp = np.linspace(0.0, 1.0, big, dtype=np.float32)[None, :, None]
+        pixels = (1 - ramp) * np.asarray(scene.background, np.float32) + ramp * np.asarray(scene.gradient, np.float32)
+        canvas = Image.fromarray(np.broadcast_to(pixels, (big, big, 3)).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        name = SHAPES[obj.shape]
-        cx, cy, r = obj.cx * _SUPERSAMPLE, obj.cy * _SUPERSAMPLE, obj.radius * _SUPERSAMPLE
-        if name == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=obj.color)
-        elif name == "ring":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=obj.color, width=max(1, round(0.38 * r)))
-        else:
-            a = math.radians(obj.angle)
-            cos_a, sin_a = math.cos(a), math.sin(a)
-            points = [(cx + x * cos_a - y * sin_a, cy + x * sin_a + y * cos_a) for x, y in _polygon(name, r)]
-            draw.polygon(points, fill=obj.color)
+    for color, width, (x0, y0, x1, y1) in scene.clutter:
+        s = _SUPERSAMPLE
+        draw.line((x0 * s, y0 * s, x1 * s, y1 * s), fill=color, width=width * s)
+    items = [(SHAPES[o.shape], o) for o in scene.objects] + [(DISTRACTORS[o.shape], o) for o in scene.distractors]
+    if scene.distractors or scene.clutter:
+        items = [items[i] for i in rng.permutation(len(items))]
+    for name, obj in items:
+        _draw_shape(draw, name, obj)
     small = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.float32)
     noisy = small + rng.normal(0.0, _NOISE_STD, size=small.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
@@ -173,24 +321,32 @@ class SyntheticShapes(MultiLabelDataset):
         self,
         num_images: int,
         image_size: int = 64,
-        num_classes: int = 8,
+        num_classes: int | None = None,
         min_objects: int = 1,
-        max_objects: int = 3,
+        max_objects: int | None = None,
         seed: int = 0,
         transform: Callable[[Image.Image], Any] | None = None,
         split: str = "train",
         categories: Sequence[str] | None = None,
         class_colors: bool = True,
+        preset: str = "easy",
     ) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown synthetic preset {preset!r}; valid: {', '.join(PRESETS)}")
+        self.preset = preset
+        shapes = HARD_SHAPES if preset == "hard" else EASY_SHAPES
+        num_classes = len(shapes) if num_classes is None else num_classes
+        max_objects = (4 if preset == "hard" else 3) if max_objects is None else max_objects
         self.class_colors = bool(class_colors)
         if categories is not None:
-            unknown = [c for c in categories if c not in SHAPES]
+            unknown = [c for c in categories if c not in shapes]
             if unknown:
-                raise ValueError(f"unknown synthetic shapes {unknown}; valid: {', '.join(SHAPES)}")
+                raise ValueError(f"unknown synthetic shapes {unknown} for preset {preset!r}; "
+                                 f"valid: {', '.join(shapes)}")
             classes = [SHAPES.index(c) for c in categories]
         else:
-            if not 1 <= num_classes <= len(SHAPES):
-                raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
+            if not 1 <= num_classes <= len(shapes):
+                raise ValueError(f"num_classes must be in 1..{len(shapes)} for preset {preset!r}, got {num_classes}")
             classes = list(range(num_classes))
         if not 0 <= min_objects <= max_objects <= len(classes):
             raise ValueError(f"need 0 <= min_objects <= max_objects <= num_classes ({len(classes)}), "
@@ -215,16 +371,19 @@ class SyntheticShapes(MultiLabelDataset):
         item = int(self._item_ids[index])
         return np.random.default_rng([self.seed, zlib.crc32(self.split.encode()), item])
 
+    def _draw(self, rng: np.random.Generator) -> Scene:
+        if self.preset == "hard":
+            return draw_hard_scene(rng, self.image_size, self.classes, self.min_objects, self.max_objects)
+        return draw_scene(rng, self.image_size, self.classes, self.min_objects, self.max_objects, self.class_colors)
+
     def scene(self, index: int) -> Scene:
         """The scene of item ``index`` (no rendering): which shapes, where, which colours."""
-        return draw_scene(self._rng(index), self.image_size, self.classes, self.min_objects, self.max_objects,
-                          self.class_colors)
+        return self._draw(self._rng(index))
 
     def load_image(self, index: int) -> Image.Image:
         """Render item ``index``; the scene draw comes first in its random stream, then the noise."""
         rng = self._rng(index)
-        scene = draw_scene(rng, self.image_size, self.classes, self.min_objects, self.max_objects, self.class_colors)
-        return render_scene(scene, self.image_size, rng)
+        return render_scene(self._draw(rng), self.image_size, rng)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> SyntheticShapes:
         """A copy with only the items at ``indices``; they render the same pixels as before."""
