@@ -18,8 +18,8 @@ the same pixels. ``split`` gives train and test sets of one seed independent ima
 ``preset="hard"`` (:data:`HARD_SHAPES`, 16 categories named by real words) is a benchmark that does not saturate:
 small objects that may overlap and hide each other, a textured background with clutter strokes, unlabelled
 distractor shapes that look like a category (an ellipse beside the circle, a rectangle beside the square and the
-bar, a four-point star, an arc beside the ring and the crescent), objects in a random colour
-and distractors in a category's colour, and label co-occurrence: an image draws most of its objects from one of four groups.
+bar, a four-point star, an arc beside the ring and the crescent), objects in a random colour and distractors in
+a category's colour, and label co-occurrence: an image draws most of its objects from one of four groups.
 """
 
 from __future__ import annotations
