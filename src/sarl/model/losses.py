@@ -180,6 +180,11 @@ def wan_loss(logits: Tensor, targets: Tensor) -> Tensor:
 _COUNTS = ("unknown", "all")
 
 
+def _check_count(count: str) -> None:
+    if count not in _COUNTS:
+        raise ValueError(f"unknown count {count!r}; valid: {list(_COUNTS)}")
+
+
 def large_loss_count(rate: float, n_unknown: int, n_entries: int, count: str = "unknown") -> int:
     """How many unknown entries the large-loss methods modify in a batch of ``n_entries`` entries.
 
@@ -193,8 +198,7 @@ def large_loss_count(rate: float, n_unknown: int, n_entries: int, count: str = "
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must lie in [0, 1], got {rate}")
-    if count not in _COUNTS:
-        raise ValueError(f"unknown count {count!r}; valid: {list(_COUNTS)}")
+    _check_count(count)
     base = n_unknown if count == "unknown" else n_entries
     # The small slack keeps ceil(0.3 * 10) at 3 despite floating-point error.
     return min(n_unknown, math.ceil(rate * base - 1e-9))
@@ -319,8 +323,7 @@ class _LargeLoss(PartialLoss):
         super().__init__()
         if delta_rel < 0 or not 0.0 <= max_rate <= 1.0:
             raise ValueError(f"need delta_rel >= 0 and 0 <= max_rate <= 1; got {delta_rel}, {max_rate}")
-        if count not in _COUNTS:
-            raise ValueError(f"unknown count {count!r}; valid: {list(_COUNTS)}")
+        _check_count(count)
         self.delta_rel, self.max_rate, self.count = delta_rel, max_rate, count
 
     @property
@@ -453,8 +456,6 @@ def build_loss(name: str, completion: dict[str, Any] | None = None, weight: floa
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {sorted(LOSSES)}")
-    if not weight > 0:
-        raise ValueError(f"weight must be > 0, got {weight}")
     loss = _instantiate(LOSSES[name], f"loss {name!r}", params)
     if completion is not None:
         loss = WithLabelCompletion(loss, _instantiate(LabelCompletion, "label completion", dict(completion)))

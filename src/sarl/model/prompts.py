@@ -114,9 +114,13 @@ class PromptLearner(nn.Module):
         if self.mode == "handcrafted":
             texts = [HANDCRAFTED.format(name=n) for n in names]
         else:
-            texts = [" ".join(["X"] * self.n_ctx) + f" {n}." for n in names]
+            texts = self._context_texts(names)
         tokens = tokenize(texts, self.text.context_length)
         self.register_buffer("tokens", tokens.to(self.text.token_embedding.weight.device), persistent=False)
+
+    def _context_texts(self, names: list[str]) -> list[str]:
+        """``X``-placeholders where the context vectors go, then the name."""
+        return [" ".join(["X"] * self.n_ctx) + f" {n}." for n in names]
 
     def _features(self, ctx: torch.Tensor | None, tokens: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.tokens if tokens is None else tokens
@@ -135,9 +139,8 @@ class PromptLearner(nn.Module):
         if ctx is None:
             raise ValueError(f"no learnt {'negative ' if negative else ''}context (prompt mode {self.mode!r})")
         ctx = ctx.mean(dim=0) if ctx.dim() == 3 else ctx
-        texts = [" ".join(["X"] * self.n_ctx) + f" {n}." for n in names]
-        tokens = tokenize(texts, self.text.context_length).to(self.text.token_embedding.weight.device)
-        return self._features(ctx, tokens)
+        tokens = tokenize(self._context_texts(names), self.text.context_length)
+        return self._features(ctx, tokens.to(self.text.token_embedding.weight.device))
 
     @property
     def trainable(self) -> bool:

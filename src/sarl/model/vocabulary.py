@@ -50,6 +50,7 @@ __all__ = [
     "Vocabulary",
     "VocabularyError",
     "BUILTIN_WORD_VECTORS",
+    "is_builtin_word_vectors",
     "WORD_VECTOR_FORMATS",
     "load_word_vectors",
     "semantic_vectors",
@@ -441,6 +442,11 @@ BUILTIN_WORD_VECTORS = {
 _builtin_cache: dict[str, KeyedVectors] = {}
 
 
+def is_builtin_word_vectors(name: str | os.PathLike[str]) -> bool:
+    """Whether ``name`` names built-in word vectors rather than a file (a local file of that name wins)."""
+    return isinstance(name, str) and name in BUILTIN_WORD_VECTORS and not Path(name).exists()
+
+
 def _load_builtin(name: str) -> KeyedVectors:
     """The built-in word vectors ``name`` as ``KeyedVectors`` (numbers and a word list: nothing unpickled),
     built once per process and shared: callers only read them."""
@@ -490,7 +496,7 @@ def load_word_vectors(path: str | os.PathLike[str], format: str = "auto", allow_
         FileNotFoundError: the file does not exist.
         ValueError: unknown ``format``, an empty file under ``auto``, or a native file with ``allow_pickle=False``.
     """
-    if isinstance(path, str) and path in BUILTIN_WORD_VECTORS and not Path(path).exists():
+    if is_builtin_word_vectors(path):
         return _load_builtin(path)
     path = Path(path)
     if format not in WORD_VECTOR_FORMATS:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..model.vocabulary import BUILTIN_WORD_VECTORS, load_word_vectors, unpickles
+from ..model.vocabulary import is_builtin_word_vectors, load_word_vectors, unpickles
 from . import storage
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def local_word_vectors(uri: str, trust_pickle: bool | None = None) -> Path:
 def load(uri: str, trust_pickle: bool | None = None) -> KeyedVectors:
     """The word vectors at ``uri`` (a built-in name, a local path or ``s3://``) as gensim ``KeyedVectors``; see the
     module."""
-    if uri in BUILTIN_WORD_VECTORS and not Path(uri).exists():
+    if is_builtin_word_vectors(uri):
         return load_word_vectors(uri)
     path = local_word_vectors(uri, trust_pickle)
     return load_word_vectors(path, allow_pickle=not storage.is_s3(uri) or trusted(trust_pickle))

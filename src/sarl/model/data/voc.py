@@ -108,11 +108,6 @@ def difficult_policy_for(split: str, difficult: str) -> str:
     return difficult if split in EVAL_SPLITS else "absent"
 
 
-def difficult_label_for(split: str, difficult: str) -> int:
-    """The label given to a class present only as difficult objects (see the module docstring)."""
-    return _DIFFICULT_LABELS[difficult_policy_for(split, difficult)]
-
-
 def find_image_for_xml(xml_path: Path, filename: str) -> Path | None:
     """The image an XML file describes: its ``<filename>`` beside it, else same stem + an image extension."""
     if filename:
