@@ -108,7 +108,7 @@ def test_hard_preset_draws_grouped_small_objects_with_distractors_and_clutter():
     assert ds.categories == list(HARD_SHAPES) and len(ds.categories) == 16
     assert ds.labels.sum(1).min() >= 1 and ds.labels.sum(1).max() <= 4
     scenes = [ds.scene(i) for i in range(len(ds))]
-    assert all(o.radius <= 0.21 * 64 + 1e-6 for s in scenes for o in s.objects)
+    assert all(0.2 * 64 - 1e-6 <= o.radius <= 0.28 * 64 + 1e-6 for s in scenes for o in s.objects)
     assert any(s.distractors for s in scenes) and all(s.clutter for s in scenes)
     assert {DISTRACTORS[d.shape] for s in scenes for d in s.distractors} == set(DISTRACTORS)
     # Co-occurrence: most objects of an image with 3 or more share one group.
