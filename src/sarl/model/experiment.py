@@ -14,6 +14,7 @@ import json
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -332,10 +333,14 @@ def build_components(cfg: ExperimentConfig, categories: list[str], steps_per_epo
 
 
 def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device = "cpu",
-        log: Any = print) -> dict[str, Any]:
+        log: Any = print, on_epoch: Callable[[SARLModel, int, Splits], dict[str, Any]] | None = None
+        ) -> dict[str, Any]:
     """Train in this process, select the epoch with the best validation mAP, evaluate it on the test set.
 
     Writes ``config.yaml``, the mask, ``history.json``, ``best/`` (checkpoint) and ``results.json`` to ``run_dir``.
+    ``on_epoch(model, epoch, splits)`` is called before training (epoch 0) and after each epoch's validation;
+    what it returns is recorded in that epoch's history entry (epoch 0's as ``results["initial"]``), for
+    measurements the engine does not make (``scripts/attention_entropy.py``).
     """
     import yaml
 
@@ -358,6 +363,7 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
     if cache_stats["enabled"]:  # same lengths, so the scheduler built above still fits
         log(f"[{cfg.name}] feature cache: {cache_stats['hits']} hit(s), {cache_stats['misses']} miss(es)")
         train_loader, val_loader, test_loader = loaders(splits, 0)  # rows come from a memory map: no workers
+    initial = on_epoch(model, 0, splits) if on_epoch is not None else None
     best, history, start = None, [], time.perf_counter()
     for epoch in range(1, t.epochs + 1):
         stats = engine.train_one_epoch(model, train_loader, loss_fn, optimizer, device, epoch, scheduler,
@@ -368,6 +374,8 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
                         "samples_per_s": stats["samples_per_s"], "lr": stats["lr"]})
         if t.test_every_epoch:
             history[-1]["test_mAP"] = engine.evaluate(model, test_loader, device, amp=t.amp, progress=False)["mAP"]
+        if on_epoch is not None:
+            history[-1].update(on_epoch(model, epoch, splits))
         log(f"[{cfg.name}] epoch {epoch}/{t.epochs}  loss {stats['loss']:.4f}  val mAP {val['mAP']:.2f}")
         if best is None or val["mAP"] > best["val_mAP"]:
             best = {"epoch": epoch, "val_mAP": val["mAP"]}
@@ -379,6 +387,8 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, device: str | torch.device =
     results = {"name": cfg.name, "best_epoch": best["epoch"], "val_mAP": best["val_mAP"], "test": test,
                "chance_mAP": chance, "categories": splits.categories, "train_seconds": time.perf_counter() - start,
                "cache": cache_stats}
+    if initial is not None:
+        results["initial"] = initial
     if t.test_every_epoch:  # the peers' number: the best test mAP of any epoch (selected on test)
         results["test_selected_mAP"] = max(h["test_mAP"] for h in history)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))

@@ -17,9 +17,17 @@ SMALL = ["data.options={num_images: 120, image_size: 64}", "data.num_workers=0",
 
 def test_fit_writes_best_checkpoint_mask_and_results(tmp_path):
     cfg = load_config(ExperimentConfig, None, [*SMALL, "train.epochs=2"])
-    results = fit(cfg, tmp_path, log=lambda *_: None)
+    seen = []
+
+    def on_epoch(model, epoch, splits):  # a measurement of the model as it trains, recorded in the history
+        seen.append((epoch, model.training, len(splits.test)))
+        return {"ctx_norm": float(model.prompts.ctx.norm())}
+
+    results = fit(cfg, tmp_path, log=lambda *_: None, on_epoch=on_epoch)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+    assert [e for e, _, _ in seen] == [0, 1, 2] and all(n == 120 for *_, n in seen)
+    assert results["initial"]["ctx_norm"] != history[-1]["ctx_norm"]  # measured on the training model
     assert results["val_mAP"] == max(h["val_mAP"] for h in history)
     assert 0 <= results["test"]["mAP"] <= 100 and len(results["test"]["AP"]) == 8
     mask, meta = load_mask(tmp_path / MASK_FILE)
