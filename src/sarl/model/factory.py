@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, field, from_dict, non_negative, positive, to_dict
+from .decoupling import INITS as DECOUPLING_INITS
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -49,6 +50,8 @@ class ModelConfig:
     fusion: str = field("bilinear", choices=FUSIONS)
     rank: int = field(512, check=positive())
     temperature: float = field(1.0, check=positive())
+    # Initialisation of U, V and p (decoupling.py): linear (nn.Linear's) or unit (unit-scale scores from step 0).
+    decoupling_init: str = field("linear", choices=DECOUPLING_INITS)
     # Category-specific prompts (step 4).
     prompt_mode: str = field("class_specific", choices=PROMPT_MODES)
     n_ctx: int = field(16, check=positive())

@@ -56,7 +56,7 @@ class SARLModel(nn.Module):
             # Kept so that categories added later (zero-shot) are centred exactly like the trained ones.
             self.register_buffer("semantic_mean", mean.float())
             self.decoupling = SemanticDecoupling(self.visual.output_dim, semantics.shape[1], config.rank,
-                                                 config.fusion, config.temperature)
+                                                 config.fusion, config.temperature, config.decoupling_init)
         self._unfreeze(config.unfreeze)
         self.cache_text = True
         self._text_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None

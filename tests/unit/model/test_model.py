@@ -151,13 +151,15 @@ def test_attention_maps_are_distributions(vit, fusion):
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3))
 
 
+@pytest.mark.parametrize("init", ["linear", "unit"])
 @pytest.mark.parametrize("fusion", ["bilinear", "additive", "dot"])
-def test_decoupling_matches_a_loop_over_images_categories_and_locations(fusion):
+def test_decoupling_matches_a_loop_over_images_categories_and_locations(fusion, init):
     """h_ci = tanh((U f_i) * (V w_c)) (bilinear) or tanh(U f_i + V w_c) (additive), score p . h_ci;
-    dot: (U f_i) . (V w_c) / sqrt(r); a_ci = softmax_i(score / T); f_c = sum_i a_ci f_i."""
+    dot: (U f_i) . (V w_c) / sqrt(r); a_ci = softmax_i(score / T); f_c = sum_i a_ci f_i. With init=unit the
+    scores see f_i / |f_i| and w_c / |w_c|; the pooled values stay f_i."""
     B, C, HW, D, S, r, T = 2, 3, 4, 5, 7, 6, 0.7
     torch.manual_seed(0)
-    module = SemanticDecoupling(D, S, rank=r, fusion=fusion, temperature=T).double()
+    module = SemanticDecoupling(D, S, rank=r, fusion=fusion, temperature=T, init=init).double()
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(std=0.5)  # large enough that tanh is far from linear
@@ -166,6 +168,9 @@ def test_decoupling_matches_a_loop_over_images_categories_and_locations(fusion):
     U, V = module.visual_proj.weight.tolist(), module.semantic_proj.weight.tolist()
     p = module.score.weight[0].tolist() if module.score is not None else None
     f, w = feats.tolist(), sem.tolist()
+    if init == "unit":
+        f = [[[x / math.sqrt(sum(y * y for y in loc)) for x in loc] for loc in img] for img in f]
+        w = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in w]
     attn_ref = torch.zeros(B, C, HW, dtype=torch.float64)
     out_ref = torch.zeros(B, C, D, dtype=torch.float64)
     for b in range(B):
@@ -191,6 +196,25 @@ def test_decoupling_matches_a_loop_over_images_categories_and_locations(fusion):
     torch.testing.assert_close(module.attention(feats, sem), attn_ref, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=1e-10)
     assert (attn_ref.max(-1).values < 0.9).sum() >= B * C // 2  # mostly not one-hot: T and tanh show
+
+
+def test_unit_init_scores_are_of_order_one_whatever_the_feature_scale():
+    """nn.Linear's init makes the bilinear scores a product of three small factors: with features of norm about
+    1 the attention starts as mean pooling (every weight within 2% of 1/HW), and how far it is from it depends on
+    the tower's feature scale. ``init="unit"`` starts with scores of order 1, the same for features 100x larger."""
+    D, S, r, HW = 64, 50, 32, 64
+    torch.manual_seed(0)
+    feats = torch.randn(8, HW, D) * 0.125  # norm about 1
+    sem = torch.nn.functional.normalize(torch.randn(16, S), dim=-1)  # unit, as the model's semantics
+    linear = SemanticDecoupling(D, S, rank=r)
+    assert ((linear.attention(feats, sem) * HW - 1).abs() < 0.02).all()
+    assert not torch.allclose(linear.attention(feats * 100, sem), linear.attention(feats, sem))
+    module = SemanticDecoupling(D, S, rank=r, init="unit")
+    attn = module.attention(feats, sem)
+    assert attn.max(-1).values.mean() > 2 / HW
+    torch.testing.assert_close(module.attention(feats * 100, sem), attn)
+    with pytest.raises(ValueError, match="init 'xavier' is not one of linear, unit"):
+        SemanticDecoupling(D, S, init="xavier")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
