@@ -121,6 +121,22 @@ def test_hard_preset_draws_grouped_small_objects_with_distractors_and_clutter():
     assert np.array_equal(np.asarray(again.load_image(7)), np.asarray(ds.load_image(7)))
 
 
+def test_rendered_images_are_kept_and_shared_with_subsets_but_not_pickled():
+    import pickle
+
+    from sarl.model.data.synthetic import SyntheticShapes
+
+    ds = SyntheticShapes(20, preset="hard", seed=1)
+    first = np.asarray(ds.load_image(5))
+    part = ds.subset([5, 6])
+    assert np.array_equal(np.asarray(part.load_image(0)), first) and len(ds._rendered) == 1
+    part.load_image(1)
+    assert len(ds._rendered) == 2  # the subset filled the shared store
+    assert np.array_equal(np.asarray(ds.load_image(5)), first)  # the kept pixels are the rendered ones
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._rendered == {} and np.array_equal(np.asarray(copy.load_image(5)), first)
+
+
 def test_unknown_preset_is_refused():
     from sarl.model.data.synthetic import SyntheticShapes
 

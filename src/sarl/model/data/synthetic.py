@@ -406,6 +406,19 @@ class SyntheticShapes(MultiLabelDataset):
             self._rendered[item] = np.asarray(image)
         return image
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to a DataLoader worker or a Ray task) without the rendered images: they are re-rendered there."""
+        state = dict(self.__dict__)
+        if state.get("_rendered") is not None:
+            state["_rendered"] = {}
+        return state
+
+    def __copy__(self) -> SyntheticShapes:
+        """A shallow copy (``subset``, ``with_labels``, ``with_transform``) shares the rendered images."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> SyntheticShapes:
         """A copy with only the items at ``indices``; they render the same pixels as before."""
         new = super().subset(indices)
