@@ -21,7 +21,7 @@ strokes, colours shared by two categories (a bright and a dark shade of each hue
 distractor shapes that look like a category (an ellipse beside the circle, a rectangle beside the square and the
 bar, a four-point star, an arc beside the ring and the crescent), objects in a random colour and distractors in
 a category's colour, and label co-occurrence: an image draws most of its objects from one of four groups.
-Calibrated so that the tiny model is far from saturation (about 70 test mAP at 90% known labels in 16 epochs;
+Calibrated so that the tiny model is far from saturation (about 67 test mAP at 90% known labels in 16 epochs;
 docs/results/synthetic-hard-protocol).
 """
 
