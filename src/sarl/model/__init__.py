@@ -8,7 +8,8 @@ Public entry point::
 """
 
 from .config import ConfigError
-from .factory import ModelConfig, add_model_config, create_model, get_model_config, list_models
+from .factory import add_model_config, create_model, get_model_config, list_models
+from .model_config import ModelConfig
 from .sarl import SARLModel
 from .vocabulary import Category, Vocabulary, load_word_vectors, semantic_vectors
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from .backbone import PretrainedUnavailableError, resolve_quick_gelu
 from .config import from_dict
-from .factory import ModelConfig
+from .model_config import ModelConfig
 from .sarl import SARLModel
 from .vocabulary import Vocabulary
 

@@ -37,7 +37,8 @@ from .data import (
     save_mask,
     train_val_split,
 )
-from .factory import ModelConfig, create_model, get_model_config
+from .factory import create_model, get_model_config
+from .model_config import ModelConfig
 from .features import (
     STORAGE_DTYPES,
     FeatureCache,

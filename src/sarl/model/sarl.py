@@ -20,7 +20,7 @@ from torch import nn
 
 from .backbone import VisualEncoder, build_clip, resolve_quick_gelu
 from .decoupling import SemanticDecoupling
-from .factory import ModelConfig
+from .model_config import ModelConfig
 from .heads import ScoreHead
 from .prompts import PromptLearner, TextEncoder
 from .vocabulary import Vocabulary, load_word_vectors, semantic_vectors

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.checkpoint import DIGEST_FILE, MODEL_FILE, VOCAB_FILE, checkpoint_digest, read_checkpoint_meta
-from ..model.factory import ModelConfig
+from ..model.model_config import ModelConfig
 from ..model.vocabulary import Vocabulary
 from . import storage
 
