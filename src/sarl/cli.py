@@ -57,17 +57,17 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from .model.checkpoint import CheckpointError, export_checkpoint
-    from .platform import storage
+    from .platform import node_cache, storage
 
     try:
         if storage.is_s3(args.output):
             with tempfile.TemporaryDirectory() as tmp:
-                export_checkpoint(storage.local_copy(args.checkpoint), Path(tmp) / "export", args.pretrained,
-                                  resolve=storage.local_copy)
+                export_checkpoint(node_cache.local_copy(args.checkpoint), Path(tmp) / "export", args.pretrained,
+                                  resolve=node_cache.local_copy)
                 storage.upload_dir(Path(tmp) / "export", args.output)
         else:
-            export_checkpoint(storage.local_copy(args.checkpoint), args.output, args.pretrained,
-                              resolve=storage.local_copy)
+            export_checkpoint(node_cache.local_copy(args.checkpoint), args.output, args.pretrained,
+                              resolve=node_cache.local_copy)
     except CheckpointError as exc:
         print(f"sarl export: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from pathlib import Path
 from .model.checkpoint import MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE
 from .model.data import SyntheticShapes
 from .model.vocabulary import Category, Vocabulary
-from .platform import storage
+from .platform import node_cache
 from .platform.train import JOB_FILE
 from .platform.vocab_store import VocabStore
 
@@ -91,7 +91,7 @@ def serve_demo(checkpoint: str, output_dir: str | Path, image_size: int = 64) ->
 
     serve_dir = Path(output_dir) / "serve"
     shutil.rmtree(serve_dir, ignore_errors=True)
-    local = storage.local_copy(checkpoint)
+    local = node_cache.local_copy(checkpoint)
     (serve_dir / "checkpoint").mkdir(parents=True)
     # the training state stays with the run; job.yaml comes along for `sarl calibrate` (jobs/calibrate.yaml)
     for name in (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE, JOB_FILE):

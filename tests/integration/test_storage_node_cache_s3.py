@@ -1,4 +1,4 @@
-"""The node cache behind ``storage.local_copy`` with real concurrent processes, keys that try to climb out of a
+"""The node cache behind ``node_cache.local_copy`` with real concurrent processes, keys that try to climb out of a
 download directory, gensim ``.kv`` word vectors from S3, and transfer retries; against moto's S3 server.
 
 Child processes come from a ``forkserver`` that has imported ``sarl.platform.storage`` once (importing it means
@@ -16,7 +16,7 @@ import boto3
 import numpy as np
 import pytest
 
-from sarl.platform import storage
+from sarl.platform import node_cache, storage
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def _copy_and_read(uri: str, cache: str, env: dict, log: str, barrier, expected:
     storage.download_file = slow_download
     barrier.wait()
     problems: list[str] = []
-    path = storage.local_copy(uri, cache_dir=cache)
+    path = node_cache.local_copy(uri, cache_dir=cache)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:  # the others are still finishing their local_copy meanwhile
         for rel, content in expected.items():
@@ -69,7 +69,7 @@ def _copy_all(uris: list[str], cache: str, env: dict, max_bytes, results, releas
     os.environ.update(env)
     paths = []
     for uri in uris:
-        paths.append(str(storage.local_copy(uri, cache_dir=cache, max_bytes=max_bytes)))
+        paths.append(str(node_cache.local_copy(uri, cache_dir=cache, max_bytes=max_bytes)))
         time.sleep(0.02)  # distinct last-use times
     results.put(paths)
     if release is not None:
@@ -122,16 +122,16 @@ def test_eviction_removes_least_recently_used_entries_never_one_in_use(s3_bucket
     holder.start()
     (path_c,) = map(Path, results.get(timeout=120))  # c: in use until released
 
-    path_d = storage.local_copy(uris["d"], cache_dir=cache, max_bytes=3000)  # 4000 bytes: the oldest goes
+    path_d = node_cache.local_copy(uris["d"], cache_dir=cache, max_bytes=3000)  # 4000 bytes: the oldest goes
     assert not path_a.exists() and path_b.exists() and path_c.exists() and path_d.read_text() == "d" * 1000
-    storage.local_copy(uris["d"], cache_dir=cache, max_bytes=1500)  # b goes; c stays in use, over the bound
+    node_cache.local_copy(uris["d"], cache_dir=cache, max_bytes=1500)  # b goes; c stays in use, over the bound
     assert not path_b.exists() and path_c.read_text() == "c" * 1000 and path_d.exists()
     release.set()
     assert results.get(timeout=60) == ["c" * 1000]
     holder.join(30)
     assert holder.exitcode == 0
     monkeypatch.setenv("SARL_CACHE_MAX_BYTES", "1500")  # the bound from the environment
-    assert storage.local_copy(uris["d"], cache_dir=cache) == path_d
+    assert node_cache.local_copy(uris["d"], cache_dir=cache) == path_d
     assert not path_c.exists() and path_d.exists()
     assert entries(cache) == [path_d.parent.name]
     assert sorted(p.name for p in cache.iterdir()) == sorted([path_d.parent.name, path_d.parent.name + ".use",
@@ -148,21 +148,21 @@ def test_a_new_version_gets_a_new_entry_and_the_unused_old_one_goes(s3_bucket: s
     (old,) = map(Path, results.get(timeout=120))
     child.join(30)
     storage.write_text(uri, "v2")
-    new = storage.local_copy(uri, cache_dir=cache)
+    new = node_cache.local_copy(uri, cache_dir=cache)
     assert new != old and new.read_text() == "v2" and not old.exists()
     storage.write_text(uri, "v3")  # this process still uses the v2 copy: it stays beside v3
-    assert storage.local_copy(uri, cache_dir=cache).read_text() == "v3" and new.read_text() == "v2"
+    assert node_cache.local_copy(uri, cache_dir=cache).read_text() == "v3" and new.read_text() == "v2"
 
 
 def test_cache_bound_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SARL_CACHE_MAX_BYTES", raising=False)
-    assert storage.cache_max_bytes() is None
+    assert node_cache.cache_max_bytes() is None
     for text, value in (("5000", 5000), ("2K", 2048), ("1.5g", int(1.5 * 1024**3)), ("200GiB", 200 * 1024**3)):
         monkeypatch.setenv("SARL_CACHE_MAX_BYTES", text)
-        assert storage.cache_max_bytes() == value
+        assert node_cache.cache_max_bytes() == value
     monkeypatch.setenv("SARL_CACHE_MAX_BYTES", "lots")
     with pytest.raises(ValueError, match="SARL_CACHE_MAX_BYTES"):
-        storage.cache_max_bytes()
+        node_cache.cache_max_bytes()
 
 
 # ------------------------------------------------------------------------------------------------ path traversal
@@ -179,7 +179,7 @@ def test_keys_that_would_land_outside_are_refused(s3_bucket: str, tmp_path: Path
     with pytest.raises(storage.StorageError, match=f"ckpt/{bad}"):
         storage.download_dir(f"s3://{s3_bucket}/ckpt", inside)
     with pytest.raises(storage.StorageError, match=f"ckpt/{bad}"):
-        storage.local_copy(f"s3://{s3_bucket}/ckpt", cache_dir=tmp_path / "a" / "cache")
+        node_cache.local_copy(f"s3://{s3_bucket}/ckpt", cache_dir=tmp_path / "a" / "cache")
     with pytest.raises(storage.StorageError, match=f"features/d1/{bad}"):
         S3FeatureStore(f"s3://{s3_bucket}/features").fetch("d1", inside / "features")
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -211,7 +211,7 @@ def test_kv_word_vectors_from_s3_come_with_their_sidecar_when_trusted(s3_bucket:
 
     loaded = word_vectors.load(uri, trust_pickle=True)
     np.testing.assert_array_equal(loaded["dog"], kv["dog"])
-    assert sorted(p.name for p in storage.local_copy(uri).parent.iterdir()) == [
+    assert sorted(p.name for p in node_cache.local_copy(uri).parent.iterdir()) == [
         "manifest.json", "vectors.kv", "vectors.kv.vectors.npy"]
     monkeypatch.setenv(word_vectors.TRUST_ENV, "1")  # the operator's switch
     np.testing.assert_array_equal(word_vectors.load(uri)["cat"], kv["cat"])

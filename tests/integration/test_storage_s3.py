@@ -13,7 +13,7 @@ import boto3
 import numpy as np
 import pytest
 
-from sarl.platform import storage
+from sarl.platform import node_cache, storage
 
 pytestmark = pytest.mark.integration
 
@@ -100,13 +100,13 @@ def test_upload_download_dir(s3_bucket: str, tmp_path: Path, make_tree: Callable
 def test_local_copy_of_a_file(s3_bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{s3_bucket}/vectors/words.txt"
     storage.write_text(uri, "v1")
-    path = storage.local_copy(uri, cache_dir=tmp_path / "cache")
+    path = node_cache.local_copy(uri, cache_dir=tmp_path / "cache")
     assert path.name == "words.txt" and path.read_text() == "v1"
-    assert storage.local_copy(uri, cache_dir=tmp_path / "cache") == path  # reused
+    assert node_cache.local_copy(uri, cache_dir=tmp_path / "cache") == path  # reused
     storage.write_text(uri, "v2")  # re-uploaded: fetched again
-    assert storage.local_copy(uri, cache_dir=tmp_path / "cache").read_text() == "v2"
+    assert node_cache.local_copy(uri, cache_dir=tmp_path / "cache").read_text() == "v2"
     with pytest.raises(FileNotFoundError):
-        storage.local_copy(f"s3://{s3_bucket}/vectors/missing.txt", cache_dir=tmp_path / "cache")
+        node_cache.local_copy(f"s3://{s3_bucket}/vectors/missing.txt", cache_dir=tmp_path / "cache")
 
 
 def test_local_copy_of_a_prefix(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -115,12 +115,12 @@ def test_local_copy_of_a_prefix(s3_bucket: str, tmp_path: Path, monkeypatch: pyt
     uri = f"s3://{s3_bucket}/checkpoints/best"
     storage.upload_dir(tmp_path / "src", uri)
     monkeypatch.setenv("SARL_CACHE_DIR", str(tmp_path / "default-cache"))
-    path = storage.local_copy(uri + "/")
+    path = node_cache.local_copy(uri + "/")
     assert path.is_dir() and path.name == "best" and tmp_path / "default-cache" in path.parents
     assert storage.list_files(path) == ["a.txt", "sub/b.bin", "sub/deep/c.json"]
-    assert storage.local_copy(uri) == path
+    assert node_cache.local_copy(uri) == path
     storage.write_text(storage.join(uri, "new.txt"), "n")
-    assert "new.txt" in storage.list_dir(storage.local_copy(uri))
+    assert "new.txt" in storage.list_dir(node_cache.local_copy(uri))
 
 
 def test_check_writable(s3_bucket: str) -> None:

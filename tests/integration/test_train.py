@@ -120,7 +120,7 @@ def test_two_workers_skip_unreadable_batches_together_and_upload_checkpoints_in_
     from sarl.model.checkpoint import load_train_state
     from sarl.model.data import SyntheticShapes
     from sarl.model.data.splits import train_val_split
-    from sarl.platform import storage
+    from sarl.platform import node_cache, storage
 
     shapes = tmp_path / "shapes"
     SyntheticShapes(64, image_size=64, num_classes=3, seed=3).write_to(shapes)
@@ -141,7 +141,7 @@ def test_two_workers_skip_unreadable_batches_together_and_upload_checkpoints_in_
     rows = raw_history(runs, "badimages")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["skipped_images"] > 0 and r["samples"] > 0 for r in rows), rows  # both ranks' counts
-    ckpt = storage.local_copy(result["latest_checkpoint"])
+    ckpt = node_cache.local_copy(result["latest_checkpoint"])
     ranks = load_train_state(ckpt)["rng_per_rank"]  # the latest checkpoint is whole: its slow file is in
     assert len(ranks) == 2 and not np.array_equal(ranks[0]["torch"].numpy(), ranks[1]["torch"].numpy())
     first, second = rows

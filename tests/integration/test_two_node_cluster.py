@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sarl.platform import storage
+from sarl.platform import node_cache, storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -365,7 +365,7 @@ def test_the_s3_endpoint_stopped_during_a_checkpoint_upload(fault_data, s3_outag
     dirs = checkpoint_dirs(fault_data, "outage")
     assert len(dirs) == FAULT_EPOCHS and len({frozenset(files) for files in dirs.values()}) == 1, dirs
     for directory in dirs:
-        model = load_checkpoint(storage.local_copy(f"s3://{fault_data['bucket']}/runs/outage/{directory}"))
+        model = load_checkpoint(node_cache.local_copy(f"s3://{fault_data['bucket']}/runs/outage/{directory}"))
         assert model.vocabulary.names == CATEGORIES
     assert result["checkpoint"].rsplit("/", 1)[-1] in dirs
     stopped, started = s3_outage.outages[0]

@@ -4,7 +4,7 @@
   its own ``--temp-dir``; the driver (tests, ``sarl``) connects to it with ``ray.init(address="127.0.0.1:PORT")``.
 - **worker**: ``ray start --address 127.0.0.1:PORT --num-cpus=N`` inside its own mount namespace
   (``unshare --mount --propagation private``, needs root) with a fresh tmpfs over ``/tmp`` (scratch, ``tempfile``,
-  its Ray session directory) and over ``~/.cache`` (the node cache of ``storage.local_copy``). A path the driver
+  its Ray session directory) and over ``~/.cache`` (the node cache, ``sarl.platform.node_cache``). A path the driver
   writes there does not exist on the worker, and what the worker downloads the driver never sees.
 
 Every Ray address is on 127.0.0.1 and every port is a free one picked here, so the cluster coexists with other Ray

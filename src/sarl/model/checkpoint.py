@@ -256,8 +256,9 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         directory: a local checkpoint directory.
         map_location: the device the returned model lives on.
         pretrained: the frozen backbone's weights source, instead of the recorded one (e.g. a local copy of it).
-        resolve: applied to the weights source (recorded or given) before it is read, e.g. the platform's
-            ``storage.local_copy`` for ``s3://`` sources; returns a local path (or the source unchanged).
+        resolve: applied to the weights source (recorded or given) before it is read, e.g. the platform's node
+            cache (``sarl.platform.node_cache.local_copy``) for ``s3://`` sources; returns a local path (or the
+            source unchanged).
 
     A checkpoint of trainable weights rebuilds its towers from the source and refuses one whose digest differs;
     a self-contained one needs no source. Either way every stored tensor must fit the model (strict).

@@ -38,7 +38,6 @@ from .data import (
     train_val_split,
 )
 from .factory import create_model, get_model_config
-from .model_config import ModelConfig
 from .features import (
     STORAGE_DTYPES,
     FeatureCache,
@@ -49,6 +48,7 @@ from .features import (
     weights_digest,
 )
 from .losses import LOSSES, build_loss
+from .model_config import ModelConfig
 from .sarl import SARLModel
 from .vocabulary import Category, Vocabulary
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from .backbone import VisualEncoder, build_clip, resolve_quick_gelu
 from .decoupling import SemanticDecoupling
-from .model_config import ModelConfig
 from .heads import ScoreHead
+from .model_config import ModelConfig
 from .prompts import PromptLearner, TextEncoder
 from .vocabulary import Vocabulary, load_word_vectors, semantic_vectors
 

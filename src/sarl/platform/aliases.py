@@ -24,7 +24,7 @@ from typing import Any
 from ..model.checkpoint import DIGEST_FILE, MODEL_FILE, VOCAB_FILE, checkpoint_digest, read_checkpoint_meta
 from ..model.model_config import ModelConfig
 from ..model.vocabulary import Vocabulary
-from . import storage
+from . import node_cache, storage
 
 ALIAS_DIR = "aliases"
 
@@ -59,7 +59,7 @@ def stored_digest(checkpoint: str) -> str:
     try:
         return storage.read_text(storage.join(checkpoint, DIGEST_FILE)).strip()
     except FileNotFoundError:
-        return checkpoint_digest(storage.local_copy(checkpoint))
+        return checkpoint_digest(node_cache.local_copy(checkpoint))
 
 
 def read_alias(uri: str) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def served_checkpoint(uri: str, resolved: dict[str, Any] | None = None) -> Serve
     ``model_id``), used instead of reading the alias again.
     """
     checkpoint, record = (resolved["checkpoint"], resolved) if resolved else resolve(uri)
-    local = storage.local_copy(checkpoint)
+    local = node_cache.local_copy(checkpoint)
     extra = json.loads((local / MODEL_FILE).read_text()).get("extra") or {}
     identity = _identity(uri, checkpoint, record, checkpoint_digest(local), extra)
     return ServedCheckpoint(identity.uri, identity.model_id, identity.digest, identity.alias, local=local)

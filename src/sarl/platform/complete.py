@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import storage
+from . import node_cache, storage
 
 DEFAULT_BAND = 0.15
 DEFAULT_MIN_POSITIVES = 5
@@ -200,7 +200,7 @@ def run_complete(manifest: str, predictions: list[dict[str, Any]], thresholds: d
     from ..model.data.manifest import read_manifest
 
     by_path = {p["path"]: p for p in predictions}
-    base = Path(storage.local_copy(manifest) if storage.is_s3(manifest) else manifest)
+    base = Path(node_cache.local_copy(manifest) if storage.is_s3(manifest) else manifest)
     root = base.resolve().parent
     lines, uncertain = [], []
     counts = {"images": 0, "unscored": 0, "unknown_before": 0, "predicted_present": 0, "predicted_absent": 0,

@@ -28,7 +28,7 @@ from ..model.checkpoint import load_checkpoint
 from ..model.config import ConfigError, from_dict, merge, parse_overrides, to_dict
 from ..model.experiment import make_loader, prepare_data
 from ..model.metrics import MultiLabelMetrics
-from . import storage
+from . import node_cache, storage
 from .job import JobConfig
 from .train import JOB_FILE, init_ray, resolve_data_uris, shard
 
@@ -69,7 +69,7 @@ def score_shard(ckpt_dir: Path, job: JobConfig, split: str, rank: int = 0, world
     split (categories, size, chance mAP). The data set is this node's copy of an ``s3://`` one."""
     job = resolve_data_uris(job, model_files=False)  # the checkpoint holds the semantics: no word vectors
     dataset, categories = _split(job, ckpt_dir, split)
-    model = load_checkpoint(ckpt_dir, map_location=device, resolve=storage.local_copy)  # s3:// weights source
+    model = load_checkpoint(ckpt_dir, map_location=device, resolve=node_cache.local_copy)  # s3:// weights source
     loader = make_loader(shard(dataset, rank, world), job.train.eval_batch_size, False, job.data.num_workers)
     out = engine.evaluate(model, loader, device, num_classes=len(categories), amp=job.train.amp,
                           progress=job.train.progress and rank == 0, desc=f"evaluate {split}", return_outputs=True)
@@ -101,7 +101,7 @@ def _evaluate_task(uri: str, job: dict[str, Any], split: str, rank: int, world: 
     if not s.use_gpu:
         torch.set_num_threads(s.torch_threads or max(1, int(s.cpus_per_worker)))
     device = torch.device("cuda" if s.use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
-    out = score_shard(storage.local_copy(uri), job, split, rank, world, device)  # a copy per node, once
+    out = score_shard(node_cache.local_copy(uri), job, split, rank, world, device)  # a copy per node, once
     return {**out, "node": ray.get_runtime_context().get_node_id(), "device": str(device)}
 
 
@@ -134,7 +134,7 @@ def score_split(uri: str, job: JobConfig, split: str, workers: int = 1, address:
     if on_cluster is None:
         on_cluster = workers > 1 or _connected_or_named(address)
     if not on_cluster:
-        return [score_shard(Path(storage.local_copy(uri)), job, split)], [{"rank": 0, "node": None, "device": "cpu"}]
+        return [score_shard(Path(node_cache.local_copy(uri)), job, split)], [{"rank": 0, "node": None, "device": "cpu"}]
     import ray
 
     init_ray(address)

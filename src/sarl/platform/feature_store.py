@@ -1,7 +1,7 @@
 """Feature caches on S3: ``cache.root: s3://bucket/prefix`` behind the model library's local ``FeatureCache``.
 
 ``sarl.model.features`` knows only local directories. For an S3 root, entries live at ``<root>/<digest>/`` and
-each machine keeps a local mirror (under ``storage.default_cache_dir()``): a local miss asks S3 (a hit when the
+each machine keeps a local mirror (under ``node_cache.default_cache_dir()``): a local miss asks S3 (a hit when the
 entry is there: it is downloaded into the mirror), and an entry computed here is uploaded. ``meta.json`` is
 uploaded last and is what a reader checks for, so a trial never downloads an entry another is still uploading.
 An entry already in the mirror is a hit without a request to S3; a failed upload is a warning, not an error.
@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 
 from ..model.features import ARRAY_FILES, META_FILE, FeatureCache
-from . import storage
+from . import node_cache, storage
 
 
 class S3FeatureStore:
@@ -38,7 +38,7 @@ class S3FeatureStore:
 def local_mirror(uri: str) -> Path:
     """Where this machine keeps its copies of the entries under the S3 root ``uri``."""
     name = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    return storage.default_cache_dir() / "features" / name
+    return node_cache.default_cache_dir() / "features" / name
 
 
 def feature_cache(root: str) -> FeatureCache:

@@ -16,7 +16,7 @@ import torch
 from ..model.checkpoint import load_checkpoint
 from ..model.data.transforms import build_transforms
 from ..model.serving import BoundVocabulary, bind_vocabulary
-from . import storage
+from . import node_cache
 from .aliases import served_checkpoint
 from .serve_io import decode_image
 from .word_vectors import load as load_vectors
@@ -40,7 +40,7 @@ class ImageScorer:
         self.checkpoint = served_checkpoint(checkpoint, resolved)
         self.model_info = {"id": self.checkpoint.model_id, "digest": self.checkpoint.digest}
         self.model = load_checkpoint(self.checkpoint.local, map_location=self.device,
-                                     resolve=storage.local_copy).eval()
+                                     resolve=node_cache.local_copy).eval()
         cfg = self.model.config
         self.transform = build_transforms(cfg.image_size, cfg.mean, cfg.std, train=False)
         self.word_vectors = load_vectors(word_vectors) if word_vectors else None  # pickles refused

@@ -15,19 +15,13 @@ outside the directory they are downloaded into (``..``, empty or absolute segmen
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
-import json
 import os
-import re
 import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -115,18 +109,18 @@ def _is_missing(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") in _MISSING_CODES
 
 
-def _prefix(key: str) -> str:
+def dir_prefix(key: str) -> str:
     """The key prefix that holds a "directory" ``key``'s children."""
     return key.rstrip("/") + "/" if key.strip("/") else ""
 
 
-def _objects(bucket: str, prefix: str, markers: bool = False) -> list[dict[str, Any]]:
+def list_objects(bucket: str, prefix: str, markers: bool = False) -> list[dict[str, Any]]:
     """All objects under ``prefix`` (recursive); directory markers (keys ending in ``/``) only if asked."""
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [obj for page in pages for obj in page.get("Contents", []) if markers or not obj["Key"].endswith("/")]
 
 
-def _head(bucket: str, key: str) -> dict[str, Any] | None:
+def head_object(bucket: str, key: str) -> dict[str, Any] | None:
     """The object's metadata, or None when no object has exactly this key."""
     if not key or key.endswith("/"):
         return None
@@ -151,10 +145,10 @@ def exists(uri: Uri) -> bool:
             if _is_missing(error):
                 return False
             raise
-    if _head(bucket, key) is not None:
+    if head_object(bucket, key) is not None:
         return True
     try:
-        listing = s3_client().list_objects_v2(Bucket=bucket, Prefix=_prefix(key), MaxKeys=1)
+        listing = s3_client().list_objects_v2(Bucket=bucket, Prefix=dir_prefix(key), MaxKeys=1)
     except ClientError as error:
         if _is_missing(error):
             return False
@@ -204,7 +198,7 @@ def list_dir(uri: Uri) -> list[str]:
         path = Path(uri)
         return sorted(os.listdir(path)) if path.is_dir() else []
     bucket, key = parse_s3(uri)
-    prefix = _prefix(key)
+    prefix = dir_prefix(key)
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
     names: set[str] = set()
     for page in pages:
@@ -220,8 +214,8 @@ def list_files(uri: Uri) -> list[str]:
         root = Path(uri)
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     bucket, key = parse_s3(uri)
-    prefix = _prefix(key)
-    return sorted(obj["Key"][len(prefix) :] for obj in _objects(bucket, prefix))
+    prefix = dir_prefix(key)
+    return sorted(obj["Key"][len(prefix) :] for obj in list_objects(bucket, prefix))
 
 
 def delete(uri: Uri) -> None:
@@ -236,15 +230,15 @@ def delete(uri: Uri) -> None:
     bucket, key = parse_s3(uri)
     if not key.strip("/"):
         raise ValueError(f"refusing to delete a whole bucket: {uri}")
-    keys = [obj["Key"] for obj in _objects(bucket, _prefix(key), markers=True)]
-    if _head(bucket, key) is not None:
+    keys = [obj["Key"] for obj in list_objects(bucket, dir_prefix(key), markers=True)]
+    if head_object(bucket, key) is not None:
         keys.append(key)
     for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
         batch = [{"Key": k} for k in keys[start : start + 1000]]
         s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
 
 
-def _parallel(fn: Callable[[Any], object], items: list[Any]) -> None:
+def run_parallel(fn: Callable[[Any], object], items: list[Any]) -> None:
     """Run ``fn`` over ``items`` on a small thread pool, re-raising the first error."""
     if not items:
         return
@@ -262,10 +256,10 @@ def upload_dir(local_dir: Uri, uri: Uri) -> None:
         shutil.copytree(source, Path(uri), dirs_exist_ok=True)
         return
     bucket, key = parse_s3(uri)
-    prefix = _prefix(key)
+    prefix = dir_prefix(key)
     files = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
     client = s3_client()
-    _parallel(lambda rel: client.upload_file(str(source / rel), bucket, prefix + rel), files)
+    run_parallel(lambda rel: client.upload_file(str(source / rel), bucket, prefix + rel), files)
 
 
 def upload_file(local_path: Uri, uri: Uri) -> None:
@@ -302,7 +296,7 @@ def download_file(uri: Uri, local_path: Uri) -> Path:
     return target
 
 
-def _safe_destination(root: Path, rel: str, key: str) -> Path:
+def safe_destination(root: Path, rel: str, key: str) -> Path:
     """``root / rel`` for the object ``key``, refusing names that would land outside ``root``.
 
     ``rel`` is the key minus the prefix being downloaded. S3 keys are free-form strings: ``..`` climbs out of
@@ -329,227 +323,12 @@ def download_dir(uri: Uri, local_dir: Uri) -> Path:
         shutil.copytree(Path(uri), target, dirs_exist_ok=True)
         return target
     bucket, key = parse_s3(uri)
-    prefix = _prefix(key)
-    plan = [(f"s3://{bucket}/{prefix}{rel}", _safe_destination(target, rel, f"s3://{bucket}/{prefix}{rel}"))
+    prefix = dir_prefix(key)
+    plan = [(f"s3://{bucket}/{prefix}{rel}", safe_destination(target, rel, f"s3://{bucket}/{prefix}{rel}"))
             for rel in list_files(uri)]
     target.mkdir(parents=True, exist_ok=True)
-    _parallel(lambda item: download_file(*item), plan)
+    run_parallel(lambda item: download_file(*item), plan)
     return target
-
-
-def default_cache_dir() -> Path:
-    """Where ``local_copy`` keeps downloads: ``$SARL_CACHE_DIR`` or ``~/.cache/sarl``."""
-    return Path(os.environ.get("SARL_CACHE_DIR") or Path.home() / ".cache" / "sarl") / "s3"
-
-
-# ---------------------------------------------------------------------------------- node cache (local_copy)
-_MANIFEST = "manifest.json"
-_ENTRY_RE = re.compile(r"[0-9a-f]{24}-[0-9a-f]{16}")  # <hash of the URI>-<hash of its objects' ETags>
-_STAGING_RE = re.compile(r"\.([0-9a-f]{24}-[0-9a-f]{16})\..+")  # .<entry>.<random>: a download in progress
-_TRASH_PREFIX = ".trash-"
-# gensim's KeyedVectors.save / Word2Vec.save write large arrays beside the file: <name>.vectors.npy, ...
-SIDECAR_SUFFIXES = (".kv", ".model")
-_held: dict[str, int] = {}  # use-lock path -> descriptor holding a shared lock until this process exits
-_held_lock = threading.Lock()
-
-
-def cache_max_bytes() -> int | None:
-    """The node cache's bound from ``$SARL_CACHE_MAX_BYTES`` (bytes, or with a K/M/G/T suffix); None: unbounded."""
-    text = os.environ.get("SARL_CACHE_MAX_BYTES", "").strip()
-    if not text:
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text.lower())
-    if not match:
-        raise ValueError(f"SARL_CACHE_MAX_BYTES={text!r}: expected a number of bytes, e.g. 200G or 5000000")
-    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
-
-
-def _lock(path: Path, mode: int) -> int | None:
-    """A descriptor of ``path`` locked with ``flock(mode)``; None when ``mode`` has LOCK_NB and the lock is taken.
-
-    An evictor unlinks the lock files of the entry it removes while it holds them exclusively, so a lock taken on
-    a file that is no longer at ``path`` is dropped and taken again on the current one.
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, mode)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        mine = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-            return fd
-        os.close(fd)
-
-
-def _hold(entry: Path) -> None:
-    """Mark ``entry`` in use by this process (a shared lock on ``<entry>.use``, kept until the process exits)."""
-    path = str(entry) + ".use"
-    with _held_lock:
-        if path not in _held:
-            _held[path] = _lock(Path(path), fcntl.LOCK_SH)
-
-
-def _published(entry: Path) -> bool:
-    return (entry / _MANIFEST).is_file()
-
-
-def _try_evict(entry: Path) -> bool:
-    """Remove ``entry`` and its lock files if no process uses it (its use lock can be taken exclusively without
-    waiting); True if it was removed."""
-    use = _lock(Path(str(entry) + ".use"), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    if use is None:
-        return False
-    trash = entry.with_name(f"{_TRASH_PREFIX}{uuid.uuid4().hex}")
-    try:
-        download = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        try:
-            try:
-                os.rename(entry, trash)  # atomic: readers see the entry or nothing
-                removed = True
-            except FileNotFoundError:  # lock files of a download that failed
-                removed = False
-            os.unlink(str(entry) + ".use")
-            if download is not None:
-                os.unlink(str(entry) + ".lock")
-        finally:
-            if download is not None:
-                os.close(download)
-    finally:
-        os.close(use)
-    if removed:
-        shutil.rmtree(trash, ignore_errors=True)
-    return removed
-
-
-def _sweep(cache: Path, current: Path, max_bytes: int | None) -> None:
-    """Remove what nobody on this node uses: older versions of ``current``'s URI, the least recently used entries
-    beyond ``max_bytes``, and leftovers of killed downloads. ``current`` itself is never removed."""
-    try:
-        names = os.listdir(cache)
-    except FileNotFoundError:
-        return
-    for name in names:
-        staging = _STAGING_RE.fullmatch(name)
-        if name.startswith(_TRASH_PREFIX):
-            shutil.rmtree(cache / name, ignore_errors=True)
-        elif staging:  # a download in progress holds its entry's lock; a killed one left this behind
-            fd = _lock(cache / f"{staging[1]}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if fd is not None:
-                try:
-                    shutil.rmtree(cache / name, ignore_errors=True)
-                finally:
-                    os.close(fd)
-    entries = [cache / n for n in names if _ENTRY_RE.fullmatch(n) and n != current.name]
-    orphans = {n[: -len(".use")] for n in names if n.endswith(".use")} - {e.name for e in entries} - {current.name}
-    for name in orphans:  # lock files left by failed downloads
-        if _ENTRY_RE.fullmatch(name):
-            _try_evict(cache / name)
-    uri_hash = current.name.split("-")[0]
-    kept = [e for e in entries if not (e.name.startswith(uri_hash + "-") and _try_evict(e))]
-    if max_bytes is None:
-        return
-    sizes: list[tuple[float, int, Path]] = []
-    for entry in [current, *kept]:
-        try:
-            sizes.append(((entry / _MANIFEST).stat().st_mtime, json.loads((entry / _MANIFEST).read_text())["bytes"],
-                          entry))
-        except (OSError, ValueError, KeyError):
-            continue  # being removed, or not published yet
-    total = sum(size for _, size, _ in sizes)
-    for _, size, entry in sorted(sizes, key=lambda s: s[0]):
-        if total <= max_bytes:
-            break
-        if entry != current and _try_evict(entry):
-            total -= size
-
-
-def _plan(bucket: str, key: str, name: str) -> dict[str, dict[str, Any]]:
-    """What ``local_copy`` of ``s3://bucket/key`` downloads: path in the entry -> {key, etag, size}."""
-    head = _head(bucket, key)
-    if head is not None:
-        plan = {name: {"key": key, "etag": head["ETag"], "size": head.get("ContentLength", 0)}}
-        if name.endswith(SIDECAR_SUFFIXES):
-            for obj in _objects(bucket, key + "."):
-                rest = obj["Key"][len(key) :]
-                if "/" not in rest:  # <name>.vectors.npy beside it, not a "directory" <name>.d/...
-                    plan[name + rest] = {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
-        return plan
-    prefix = _prefix(key)
-    root = Path(name)
-    return {_safe_destination(root, obj["Key"][len(prefix) :], f"s3://{bucket}/{obj['Key']}").as_posix():
-            {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
-            for obj in _objects(bucket, prefix)}
-
-
-def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = None) -> Path:
-    """A local path holding the file or directory at ``uri``: local paths as they are, S3 downloaded.
-
-    Downloads land in ``cache_dir/<entry>/<name>``, one entry per URI and version of its objects (their ETags),
-    so many processes on one machine asking for the same checkpoint download it once, and a re-uploaded object
-    is fetched again into a new entry. A single ``.kv`` / ``.model`` object comes with the files gensim saved
-    beside it (``<name>.vectors.npy``, ...).
-
-    Concurrency (processes on one node sharing ``cache_dir``, which must be a local disk: ``flock``):
-
-    - downloaders of one entry are serialised by ``<entry>.lock``; the first downloads into a staging directory
-      and renames it into place (atomic), the others then find it published;
-    - a published entry is never changed; it is in use from the moment ``local_copy`` returns it in a process
-      until that process exits (a shared lock on ``<entry>.use``);
-    - entries nobody uses are removed: older versions of the same URI, and the least recently used ones while the
-      cache holds more than ``max_bytes`` (default ``$SARL_CACHE_MAX_BYTES``; unset: no bound). An entry is only
-      removed by a process that takes its use lock exclusively without waiting, so never while in use.
-
-    Raises ``FileNotFoundError`` if nothing is at ``uri``, ``StorageError`` for a key that would land outside
-    the entry (see :func:`download_dir`).
-    """
-    if not is_s3(uri):
-        return Path(uri)
-    uri = str(uri).rstrip("/")
-    bucket, key = parse_s3(uri)
-    name = PurePosixPath(key).name or bucket
-    plan = _plan(bucket, key, name)
-    if not plan:
-        raise FileNotFoundError(uri)
-    cache = Path(cache_dir or default_cache_dir())
-    cache.mkdir(parents=True, exist_ok=True)
-    version = hashlib.sha256(json.dumps({k: v["etag"] for k, v in plan.items()}, sort_keys=True).encode())
-    entry = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}-{version.hexdigest()[:16]}"
-    _hold(entry)  # before looking: an entry seen published then stays
-    if not _published(entry):
-        fd = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX)
-        try:
-            if not _published(entry):  # nobody finished it while this process waited
-                staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
-                try:
-                    _parallel(lambda item: download_file(f"s3://{bucket}/{item[1]['key']}", staging / item[0]),
-                              list(plan.items()))
-                    manifest = {"uri": uri, "objects": {k: v["etag"] for k, v in plan.items()},
-                                "bytes": sum(v["size"] for v in plan.values())}
-                    (staging / _MANIFEST).write_text(json.dumps(manifest))
-                    try:
-                        os.rename(staging, entry)
-                    except OSError as error:  # published meanwhile (not by a holder of the lock): keep that one
-                        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _published(entry):
-                            raise
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-        finally:
-            os.close(fd)
-    try:
-        os.utime(entry / _MANIFEST)  # last use, for the eviction order
-    except OSError:
-        pass
-    _sweep(cache, entry, max_bytes if max_bytes is not None else cache_max_bytes())
-    return entry / name
 
 
 def check_writable(uri: Uri, endpoint_url: str | None = None) -> None:
@@ -572,7 +351,7 @@ def check_writable(uri: Uri, endpoint_url: str | None = None) -> None:
     endpoint = resolve_endpoint(endpoint_url)
     where = f"{uri} (endpoint {endpoint or 'AWS default'})"
     client = s3_client(endpoint, fail_fast=True)
-    probe_key = _prefix(key) + probe_name
+    probe_key = dir_prefix(key) + probe_name
     try:
         client.put_object(Bucket=bucket, Key=probe_key, Body=b"")
         client.delete_object(Bucket=bucket, Key=probe_key)

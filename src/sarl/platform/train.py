@@ -58,7 +58,7 @@ from ..model.experiment import (
     seed_everything,
 )
 from ..model.metrics import MultiLabelMetrics
-from . import storage
+from . import node_cache, storage
 from .feature_store import feature_cache
 from .job import JobConfig
 from .word_vectors import check_trusted, local_word_vectors
@@ -536,7 +536,7 @@ def data_sources(job: JobConfig, model_files: bool = True) -> list[tuple[str, st
 
 def resolve_data_uris(job: JobConfig, model_files: bool = True) -> JobConfig:
     """A copy of ``job`` whose ``s3://`` data set (with ``model_files``: word vectors and weights too) are local
-    paths *on the node this runs on*: its node cache (``storage.local_copy``), filled once per node and version
+    paths *on the node this runs on*: its node cache (``node_cache.local_copy``), filled once per node and version
     under a file lock however many workers of the node ask at once.
 
     The workers call it (``train_loop_per_worker``, evaluation tasks), never the driver: the job they are sent and
@@ -548,9 +548,9 @@ def resolve_data_uris(job: JobConfig, model_files: bool = True) -> JobConfig:
         if not storage.is_s3(value):
             continue
         if key == "data.root":
-            job.data.root = str(storage.local_copy(value))
+            job.data.root = str(node_cache.local_copy(value))
         else:
-            fetch = local_word_vectors if key == "model.word_vectors" else storage.local_copy  # pickles refused
+            fetch = local_word_vectors if key == "model.word_vectors" else node_cache.local_copy  # pickles refused
             job.model[key.split(".", 1)[1]] = str(fetch(value))
     return job
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from sarl.model.vocabulary import Vocabulary, VocabularyError
-from sarl.platform import storage
+from sarl.platform import node_cache, storage
 from sarl.platform.word_vectors import load as load_vectors
 
 __all__ = ["VERSION_PATTERN", "VersionInfo", "VocabStore", "VocabStoreError", "check_against_checkpoint",
@@ -115,7 +115,7 @@ def check_against_checkpoint(vocabulary: Vocabulary, checkpoint_uri: str, word_v
     from sarl.model.serving import vocabulary_problems  # heavy (torch model code); only push --checkpoint needs it
 
     word_vectors = load_vectors(word_vectors_uri) if word_vectors_uri else None
-    return vocabulary_problems(vocabulary, storage.local_copy(checkpoint_uri), word_vectors)
+    return vocabulary_problems(vocabulary, node_cache.local_copy(checkpoint_uri), word_vectors)
 
 
 class VocabStore:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..model.vocabulary import is_builtin_word_vectors, load_word_vectors, unpickles
-from . import storage
+from . import node_cache, storage
 
 if TYPE_CHECKING:
     from gensim.models import KeyedVectors
@@ -51,7 +51,7 @@ def local_word_vectors(uri: str, trust_pickle: bool | None = None) -> Path:
     """A local path of the word vectors at ``uri`` (``s3://`` downloaded with gensim's side files, once per node);
     pickled formats from storage are refused before anything is downloaded unless trusted (see the module)."""
     check_trusted(uri, trust_pickle)
-    return storage.local_copy(uri)
+    return node_cache.local_copy(uri)
 
 
 def load(uri: str, trust_pickle: bool | None = None) -> KeyedVectors:

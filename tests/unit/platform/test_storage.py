@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sarl.platform import storage
+from sarl.platform import node_cache, storage
 
 
 def test_uri_helpers() -> None:
@@ -89,8 +89,8 @@ def test_upload_download(tmp_path: Path, make_tree: Callable[[Path], None]) -> N
 
 
 def test_local_copy_returns_local_paths_as_is(tmp_path: Path) -> None:
-    assert storage.local_copy(str(tmp_path / "ckpt")) == tmp_path / "ckpt"
-    assert storage.local_copy(tmp_path, cache_dir=tmp_path / "cache") == tmp_path
+    assert node_cache.local_copy(str(tmp_path / "ckpt")) == tmp_path / "ckpt"
+    assert node_cache.local_copy(tmp_path, cache_dir=tmp_path / "cache") == tmp_path
     assert not (tmp_path / "cache").exists()
 
 

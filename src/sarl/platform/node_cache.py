@@ -1,0 +1,237 @@
+"""The node cache: ``local_copy(uri)`` gives a local path for a local or ``s3://`` URI, downloading S3 objects once
+per machine and version into ``$SARL_CACHE_DIR`` (default ``~/.cache/sarl``) and sharing them between the
+processes of the node (Train workers, Serve replicas, Data tasks) with file locks; entries nobody uses are evicted
+beyond ``$SARL_CACHE_MAX_BYTES``. URI I/O itself is ``storage``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import storage
+from .storage import Uri
+
+
+def default_cache_dir() -> Path:
+    """Where ``local_copy`` keeps downloads: ``$SARL_CACHE_DIR`` or ``~/.cache/sarl``."""
+    return Path(os.environ.get("SARL_CACHE_DIR") or Path.home() / ".cache" / "sarl") / "s3"
+
+
+_MANIFEST = "manifest.json"
+_ENTRY_RE = re.compile(r"[0-9a-f]{24}-[0-9a-f]{16}")  # <hash of the URI>-<hash of its objects' ETags>
+_STAGING_RE = re.compile(r"\.([0-9a-f]{24}-[0-9a-f]{16})\..+")  # .<entry>.<random>: a download in progress
+_TRASH_PREFIX = ".trash-"
+# gensim's KeyedVectors.save / Word2Vec.save write large arrays beside the file: <name>.vectors.npy, ...
+SIDECAR_SUFFIXES = (".kv", ".model")
+_held: dict[str, int] = {}  # use-lock path -> descriptor holding a shared lock until this process exits
+_held_lock = threading.Lock()
+
+
+def cache_max_bytes() -> int | None:
+    """The node cache's bound from ``$SARL_CACHE_MAX_BYTES`` (bytes, or with a K/M/G/T suffix); None: unbounded."""
+    text = os.environ.get("SARL_CACHE_MAX_BYTES", "").strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text.lower())
+    if not match:
+        raise ValueError(f"SARL_CACHE_MAX_BYTES={text!r}: expected a number of bytes, e.g. 200G or 5000000")
+    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
+
+
+def _lock(path: Path, mode: int) -> int | None:
+    """A descriptor of ``path`` locked with ``flock(mode)``; None when ``mode`` has LOCK_NB and the lock is taken.
+
+    An evictor unlinks the lock files of the entry it removes while it holds them exclusively, so a lock taken on
+    a file that is no longer at ``path`` is dropped and taken again on the current one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _hold(entry: Path) -> None:
+    """Mark ``entry`` in use by this process (a shared lock on ``<entry>.use``, kept until the process exits)."""
+    path = str(entry) + ".use"
+    with _held_lock:
+        if path not in _held:
+            _held[path] = _lock(Path(path), fcntl.LOCK_SH)
+
+
+def _published(entry: Path) -> bool:
+    return (entry / _MANIFEST).is_file()
+
+
+def _try_evict(entry: Path) -> bool:
+    """Remove ``entry`` and its lock files if no process uses it (its use lock can be taken exclusively without
+    waiting); True if it was removed."""
+    use = _lock(Path(str(entry) + ".use"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if use is None:
+        return False
+    trash = entry.with_name(f"{_TRASH_PREFIX}{uuid.uuid4().hex}")
+    try:
+        download = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            try:
+                os.rename(entry, trash)  # atomic: readers see the entry or nothing
+                removed = True
+            except FileNotFoundError:  # lock files of a download that failed
+                removed = False
+            os.unlink(str(entry) + ".use")
+            if download is not None:
+                os.unlink(str(entry) + ".lock")
+        finally:
+            if download is not None:
+                os.close(download)
+    finally:
+        os.close(use)
+    if removed:
+        shutil.rmtree(trash, ignore_errors=True)
+    return removed
+
+
+def _sweep(cache: Path, current: Path, max_bytes: int | None) -> None:
+    """Remove what nobody on this node uses: older versions of ``current``'s URI, the least recently used entries
+    beyond ``max_bytes``, and leftovers of killed downloads. ``current`` itself is never removed."""
+    try:
+        names = os.listdir(cache)
+    except FileNotFoundError:
+        return
+    for name in names:
+        staging = _STAGING_RE.fullmatch(name)
+        if name.startswith(_TRASH_PREFIX):
+            shutil.rmtree(cache / name, ignore_errors=True)
+        elif staging:  # a download in progress holds its entry's lock; a killed one left this behind
+            fd = _lock(cache / f"{staging[1]}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is not None:
+                try:
+                    shutil.rmtree(cache / name, ignore_errors=True)
+                finally:
+                    os.close(fd)
+    entries = [cache / n for n in names if _ENTRY_RE.fullmatch(n) and n != current.name]
+    orphans = {n[: -len(".use")] for n in names if n.endswith(".use")} - {e.name for e in entries} - {current.name}
+    for name in orphans:  # lock files left by failed downloads
+        if _ENTRY_RE.fullmatch(name):
+            _try_evict(cache / name)
+    uri_hash = current.name.split("-")[0]
+    kept = [e for e in entries if not (e.name.startswith(uri_hash + "-") and _try_evict(e))]
+    if max_bytes is None:
+        return
+    sizes: list[tuple[float, int, Path]] = []
+    for entry in [current, *kept]:
+        try:
+            sizes.append(((entry / _MANIFEST).stat().st_mtime, json.loads((entry / _MANIFEST).read_text())["bytes"],
+                          entry))
+        except (OSError, ValueError, KeyError):
+            continue  # being removed, or not published yet
+    total = sum(size for _, size, _ in sizes)
+    for _, size, entry in sorted(sizes, key=lambda s: s[0]):
+        if total <= max_bytes:
+            break
+        if entry != current and _try_evict(entry):
+            total -= size
+
+
+def _plan(bucket: str, key: str, name: str) -> dict[str, dict[str, Any]]:
+    """What ``local_copy`` of ``s3://bucket/key`` downloads: path in the entry -> {key, etag, size}."""
+    head = storage.head_object(bucket, key)
+    if head is not None:
+        plan = {name: {"key": key, "etag": head["ETag"], "size": head.get("ContentLength", 0)}}
+        if name.endswith(SIDECAR_SUFFIXES):
+            for obj in storage.list_objects(bucket, key + "."):
+                rest = obj["Key"][len(key) :]
+                if "/" not in rest:  # <name>.vectors.npy beside it, not a "directory" <name>.d/...
+                    plan[name + rest] = {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
+        return plan
+    prefix = storage.dir_prefix(key)
+    root = Path(name)
+    return {storage.safe_destination(root, obj["Key"][len(prefix) :], f"s3://{bucket}/{obj['Key']}").as_posix():
+            {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
+            for obj in storage.list_objects(bucket, prefix)}
+
+
+def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = None) -> Path:
+    """A local path holding the file or directory at ``uri``: local paths as they are, S3 downloaded.
+
+    Downloads land in ``cache_dir/<entry>/<name>``, one entry per URI and version of its objects (their ETags),
+    so many processes on one machine asking for the same checkpoint download it once, and a re-uploaded object
+    is fetched again into a new entry. A single ``.kv`` / ``.model`` object comes with the files gensim saved
+    beside it (``<name>.vectors.npy``, ...).
+
+    Concurrency (processes on one node sharing ``cache_dir``, which must be a local disk: ``flock``):
+
+    - downloaders of one entry are serialised by ``<entry>.lock``; the first downloads into a staging directory
+      and renames it into place (atomic), the others then find it published;
+    - a published entry is never changed; it is in use from the moment ``local_copy`` returns it in a process
+      until that process exits (a shared lock on ``<entry>.use``);
+    - entries nobody uses are removed: older versions of the same URI, and the least recently used ones while the
+      cache holds more than ``max_bytes`` (default ``$SARL_CACHE_MAX_BYTES``; unset: no bound). An entry is only
+      removed by a process that takes its use lock exclusively without waiting, so never while in use.
+
+    Raises ``FileNotFoundError`` if nothing is at ``uri``, ``StorageError`` for a key that would land outside
+    the entry (see :func:`download_dir`).
+    """
+    if not storage.is_s3(uri):
+        return Path(uri)
+    uri = str(uri).rstrip("/")
+    bucket, key = storage.parse_s3(uri)
+    name = PurePosixPath(key).name or bucket
+    plan = _plan(bucket, key, name)
+    if not plan:
+        raise FileNotFoundError(uri)
+    cache = Path(cache_dir or default_cache_dir())
+    cache.mkdir(parents=True, exist_ok=True)
+    version = hashlib.sha256(json.dumps({k: v["etag"] for k, v in plan.items()}, sort_keys=True).encode())
+    entry = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}-{version.hexdigest()[:16]}"
+    _hold(entry)  # before looking: an entry seen published then stays
+    if not _published(entry):
+        fd = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX)
+        try:
+            if not _published(entry):  # nobody finished it while this process waited
+                staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
+                try:
+                    storage.run_parallel(lambda item: storage.download_file(f"s3://{bucket}/{item[1]['key']}",
+                                                                            staging / item[0]), list(plan.items()))
+                    manifest = {"uri": uri, "objects": {k: v["etag"] for k, v in plan.items()},
+                                "bytes": sum(v["size"] for v in plan.values())}
+                    (staging / _MANIFEST).write_text(json.dumps(manifest))
+                    try:
+                        os.rename(staging, entry)
+                    except OSError as error:  # published meanwhile (not by a holder of the lock): keep that one
+                        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _published(entry):
+                            raise
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            os.close(fd)
+    try:
+        os.utime(entry / _MANIFEST)  # last use, for the eviction order
+    except OSError:
+        pass
+    _sweep(cache, entry, max_bytes if max_bytes is not None else cache_max_bytes())
+    return entry / name
