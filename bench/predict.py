@@ -109,7 +109,7 @@ def main() -> None:
         results = {"(1) plain loop, 1 process": plain_loop(checkpoint, paths, args.batch_size)}
         import ray
 
-        from sarl.platform.train import init_ray
+        from sarl.platform.cluster import init_ray
 
         init_ray(num_cpus=args.cpus, dashboard=False)
         shard = max(args.batch_size, args.images // 8)

@@ -637,7 +637,7 @@ def main() -> None:
             plain = None
 
         if not {"serve", "serve1", "reload"} <= set(args.skip):
-            from sarl.platform.train import init_ray
+            from sarl.platform.cluster import init_ray
 
             init_ray(num_cpus=args.cpus, dashboard=False)  # GPUs: detected by Ray
             ray_started = True

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from sarl.platform.cluster import init_ray
 from sarl.platform.job import load_job
-from sarl.platform.train import init_ray, run_training
+from sarl.platform.train import run_training
 from sarl.platform.tune import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,11 @@ import time
 import torch
 
 from sarl.model import engine
-from sarl.model.experiment import build_components, make_loader, prepare_data, seed_everything
+from sarl.model.distributed import seed_everything
+from sarl.model.experiment import build_components, make_loader, prepare_data
+from sarl.platform.cluster import init_ray
 from sarl.platform.job import load_job
-from sarl.platform.train import init_ray, run_training
+from sarl.platform.train import run_training
 
 
 def overrides(args) -> list[str]:

@@ -163,8 +163,10 @@ def resume_and_evaluate(gpu: bool = True) -> bool:
     from sarl.model.checkpoint import load_train_state
     from sarl.model.config import to_dict
     from sarl.platform import storage
+    from sarl.platform.cluster import init_ray
     from sarl.platform.evaluate import evaluate_checkpoint
-    from sarl.platform.train import history_uri, init_ray, run_config, scaling_config, train_loop_per_worker
+    from sarl.platform.runs import Run
+    from sarl.platform.train import run_config, scaling_config, train_loop_per_worker
 
     gpus = torch.cuda.device_count() if gpu else 0
     share = gpu and gpus < 2
@@ -182,8 +184,9 @@ def resume_and_evaluate(gpu: bool = True) -> bool:
     if result.error:
         print(f"resume on {'GPU' if gpu else 'CPU'}: FAIL, {result.error!r}")
         return False
-    epochs = [json.loads(line)["epoch"] for line in storage.read_text(history_uri(job)).splitlines()]
-    failed = storage.exists(storage.join(job.run.storage_path, job.run_name, ".failed_once_at_epoch_2"))
+    run = Run.of(job)
+    epochs = [json.loads(line)["epoch"] for line in storage.read_text(run.history_uri).splitlines()]
+    failed = storage.exists(run.join(".failed_once_at_epoch_2"))
     with result.checkpoint.as_directory() as ckpt:
         ranks = load_train_state(Path(ckpt))["rng_per_rank"]
     cuda_rng = all("cuda" in r for r in ranks) if gpu else True

@@ -23,7 +23,7 @@ from .model.checkpoint import MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE
 from .model.data import SyntheticShapes
 from .model.vocabulary import Category, Vocabulary
 from .platform import node_cache
-from .platform.train import JOB_FILE
+from .platform.runs import JOB_FILE
 from .platform.vocab_store import VocabStore
 
 PORT = 8000

@@ -141,7 +141,7 @@ def ray_cluster(s3_server) -> Iterator[RayCluster]:
     """
     import ray
 
-    from sarl.platform.train import init_ray
+    from sarl.platform.cluster import init_ray
 
     global _local_cluster_started
     if _two_node_running:
@@ -183,7 +183,7 @@ def two_node_cluster(s3_server):
     if Path(sys.prefix).resolve().is_relative_to("/tmp"):  # the worker's private /tmp would hide this venv
         pytest.skip(f"the virtual environment {sys.prefix} lies under /tmp, which the worker node mounts privately")
 
-    from sarl.platform.train import init_ray
+    from sarl.platform.cluster import init_ray
 
     if _local_cluster_started:
         pytest.fail("this pytest process already drove the local ray_cluster, and Ray cancels every actor a "

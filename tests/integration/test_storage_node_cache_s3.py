@@ -220,8 +220,8 @@ def test_kv_word_vectors_from_s3_come_with_their_sidecar_when_trusted(s3_bucket:
 def test_pickled_word_vectors_from_s3_are_refused_unless_trusted(s3_bucket: str, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from sarl.platform import word_vectors
+    from sarl.platform.cluster import resolve_data_uris
     from sarl.platform.job import load_job
-    from sarl.platform.train import resolve_data_uris
 
     kv = keyed_vectors()
     kv.save(str(tmp_path / "vectors.kv"), sep_limit=0)

@@ -211,8 +211,8 @@ def test_job_reads_a_data_set_and_word_vectors_from_s3(s3_bucket, tmp_path):
 
     from sarl.model.data import SyntheticShapes
     from sarl.model.experiment import prepare_data
+    from sarl.platform.cluster import resolve_data_uris
     from sarl.platform.job import load_job
-    from sarl.platform.train import resolve_data_uris
 
     source = SyntheticShapes(12, image_size=32, num_classes=3, seed=1)
     source.write_to(tmp_path / "shapes")

@@ -56,8 +56,8 @@ def test_the_worker_node_does_not_see_the_drivers_files(two_node_cluster, s3_ser
 
 def test_preflight_checks_s3_data_exists_without_copying_it(s3_bucket, tmp_path, monkeypatch):
     """The driver checks each s3:// source with a HEAD or a one-key listing and downloads nothing (no cluster)."""
+    from sarl.platform.cluster import preflight
     from sarl.platform.job import load_job
-    from sarl.platform.train import preflight
     from sarl.platform.word_vectors import UntrustedPickleError
 
     monkeypatch.setenv("SARL_CACHE_DIR", str(tmp_path / "cache"))
@@ -306,7 +306,8 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(fault_da
     import threading
     import time
 
-    from sarl.platform.train import latest_checkpoint_result, run_training
+    from sarl.platform.runs import Run
+    from sarl.platform.train import run_training
 
     job, outcome = fault_job(fault_data, "killed"), {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_training(job)), daemon=True)
@@ -317,7 +318,8 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(fault_da
         # Train has committed epoch 1's checkpoint and not yet epoch 2's: epoch 2 is under way, and a restart
         # resumes from epoch 1. (Its history row comes earlier, once the upload is done; Train's snapshot lags it
         # by its poll of the workers, about 2 s, so waiting for the row as well could miss a short epoch 2.)
-        if victims and (latest_checkpoint_result(job).get("metrics") or {}).get("epoch") == 1:
+        latest = Run.of(job).latest_checkpoint() if victims else None
+        if latest is not None and latest[1].get("epoch") == 1:
             os.kill(victims[0], signal.SIGKILL)
             killed_at = time.time()
         time.sleep(0.1)

@@ -344,3 +344,18 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+def restore_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        resume_dir: Path, train_state: dict[str, Any], device: torch.device | str | torch.dtype):
+    """Load a checkpoint's weights and optimizer / scheduler state into freshly built components on ``device``.
+
+    The model moves first: ``Optimizer.load_state_dict`` casts each state tensor to its parameter's device (and
+    dtype) as it loads, and a later ``Module.to`` (``prepare_model``) moves the parameters but not the optimizer
+    state, so on a GPU the first step would mix devices (the foreach kernels refuse). Returns the model.
+    """
+    model.to(device)
+    load_trainable_state(model, resume_dir)  # same towers: the backbone source is not read again
+    optimizer.load_state_dict(train_state["optimizer"])
+    scheduler.load_state_dict(train_state["scheduler"])
+    return model

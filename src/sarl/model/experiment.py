@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 import warnings
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from .data import (
     save_mask,
     train_val_split,
 )
+from .distributed import seed_everything
 from .factory import create_model, get_model_config
 from .features import (
     STORAGE_DTYPES,
@@ -170,12 +170,6 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclasses.dataclass

@@ -21,15 +21,14 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from . import storage
-from .train import HISTORY_FILE, read_history_file
+from .runs import Run
 
 TIME_ATTR = "epoch"
 
 
 def train_history(train_storage: str, trial_id: str) -> list[dict[str, Any]]:
     """The epochs a trial's Train run reported (a repeated epoch keeps its last row), in order."""
-    return read_history_file(storage.join(train_storage, trial_id, HISTORY_FILE))
+    return Run(train_storage, trial_id).history()
 
 
 class EpochASHA(ASHAScheduler):

@@ -26,11 +26,13 @@ import yaml
 from ..model import engine
 from ..model.checkpoint import load_checkpoint
 from ..model.config import ConfigError, from_dict, merge, parse_overrides, to_dict
+from ..model.distributed import shard
 from ..model.experiment import make_loader, prepare_data
 from ..model.metrics import MultiLabelMetrics
 from . import node_cache, storage
+from .cluster import connected_or_named, init_ray, resolve_data_uris, task_options
 from .job import JobConfig
-from .train import JOB_FILE, init_ray, resolve_data_uris, shard
+from .runs import JOB_FILE
 
 
 def checkpoint_job(checkpoint: str | Path, overrides: list[str] = ()) -> JobConfig:
@@ -105,21 +107,6 @@ def _evaluate_task(uri: str, job: dict[str, Any], split: str, rank: int, world: 
     return {**out, "node": ray.get_runtime_context().get_node_id(), "device": str(device)}
 
 
-def task_options(job: JobConfig) -> dict[str, Any]:
-    """Ray resources of one evaluation task: those of one training worker of the job."""
-    s = job.scaling
-    return {"num_cpus": s.cpus_per_worker, "num_gpus": (s.gpus_per_worker or 1) if s.use_gpu else 0,
-            "resources": dict(s.resources_per_worker)}
-
-
-def _connected_or_named(address: str | None) -> bool:
-    import os
-
-    import ray
-
-    return ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
-
-
 def score_split(uri: str, job: JobConfig, split: str, workers: int = 1, address: str | None = None,
                 on_cluster: bool | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every shard's logits and targets of the split (``score_shard``, in rank order), and where each ran.
@@ -132,7 +119,7 @@ def score_split(uri: str, job: JobConfig, split: str, workers: int = 1, address:
         raise ConfigError(f"workers must be >= 1, not {workers}")
     address = address or job.address
     if on_cluster is None:
-        on_cluster = workers > 1 or _connected_or_named(address)
+        on_cluster = workers > 1 or connected_or_named(address)
     if not on_cluster:
         return [score_shard(Path(node_cache.local_copy(uri)), job, split)], [{"rank": 0, "node": None, "device": "cpu"}]
     import ray

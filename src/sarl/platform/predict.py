@@ -241,7 +241,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     import ray
 
     from .aliases import identify
-    from .train import init_ray
+    from .cluster import init_ray
 
     if config.format not in FORMATS:
         raise PredictError(f"--format must be one of {', '.join(FORMATS)}")

@@ -413,7 +413,7 @@ def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
 
 def serve_forever(args: ServeArgs | dict, config: ServeConfig | None = None, address: str | None = None) -> None:
     """``sarl serve``: deploy on the cluster at ``address`` (default: $RAY_ADDRESS, else a local one) until Ctrl-C."""
-    from .train import init_ray
+    from .cluster import init_ray
 
     init_ray(address)
     url = deploy(args, config)

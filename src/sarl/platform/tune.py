@@ -282,7 +282,7 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     """Run (or resume) the sweep; write the results; returns {trials, best, best_job, output_dir}."""
     from ray import tune
 
-    from .train import absolute_paths, init_ray
+    from .cluster import absolute_paths, init_ray
 
     storage.check_writable(sweep.storage_path)
     job = to_dict(absolute_paths(from_dict(JobConfig, job)))  # trials run in their own working directories
@@ -352,15 +352,14 @@ def _trials(grid: Any, sweep: SweepConfig, max_epochs: int, train_storage: str |
     can hold more epochs than the rung: ``TuneReportCallback`` puts each report on a queue Train does not wait on,
     so Train goes on with the next epoch while Tune decides; the record keeps what was trained.
     """
-    from .train import HISTORY_FILE, read_history_file
+    from .runs import Run
 
     trials = []
     for result in grid:
         tune_history = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or (
             tune_history["trial_id"].iloc[-1] if tune_history is not None and "trial_id" in tune_history else None)
-        rows = read_history_file(storage.join(train_storage, trial_id, HISTORY_FILE)) if (
-            train_storage and trial_id) else []
+        rows = Run(train_storage, trial_id).history() if train_storage and trial_id else []
         if rows:
             series = {key: [row[key] for row in rows if key in row] for key in (sweep.metric, "cache_hits",
                                                                                  "cache_misses")}

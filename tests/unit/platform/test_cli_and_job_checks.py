@@ -90,8 +90,8 @@ def test_a_sweep_whose_job_has_a_wrong_option_is_refused(tmp_path: Path) -> None
 
 
 def test_serve_ctrl_c_deletes_only_its_own_application(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sarl.platform import cluster
     from sarl.platform import serve as serve_module
-    from sarl.platform import train
 
     calls: list[tuple[str, ...]] = []
 
@@ -105,7 +105,7 @@ def test_serve_ctrl_c_deletes_only_its_own_application(monkeypatch: pytest.Monke
     def interrupted(_seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(cluster, "init_ray", lambda address=None: None)
     monkeypatch.setattr(serve_module, "deploy", lambda args, config=None: "http://127.0.0.1:8000")
     monkeypatch.setattr(serve_module, "serve", FakeServe())
     monkeypatch.setattr(serve_module.time, "sleep", interrupted)

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from sarl.platform.cluster import absolute_paths, data_sources, resolve_data_uris
 from sarl.platform.job import load_job
-from sarl.platform.train import absolute_paths, data_sources, resolve_data_uris
 
 
 def test_relative_paths_become_absolute_on_the_driver_and_uris_stay(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
-"""Pieces of the Ray Train worker loop and of ``sarl tune`` that need no cluster: the resume order of the optimizer
-state, per-rank RNG streams, the collectives over ranks (on a real 2-process gloo group), the rerun check of a run
-name, ASHA on epochs across a resumed sweep, and where a trial's driver takes its resources."""
+"""Pieces of a run and of ``sarl tune`` that need no cluster: the rerun check of a run name, the history a resume
+leaves, ASHA on epochs across a resumed sweep, and where a trial's driver takes its resources. (The per-rank
+helpers of the worker loop are tests/unit/model/test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -9,25 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-import torch.multiprocessing as mp
-import yaml
 
-from sarl.model.checkpoint import save_checkpoint
 from sarl.model.config import ConfigError, to_dict
-from sarl.model.experiment import build_components
 from sarl.platform.job import load_job
-from sarl.platform.train import (
-    SNAPSHOT_FILE,
-    StepTogether,
-    check_resume,
-    global_train_stats,
-    job_differences,
-    reconcile_history,
-    restore_train_state,
-    rng_state,
-    seed_rank,
-)
+from sarl.platform.runs import Run, job_differences, resume_check
 from sarl.platform.tune import load_sweep
 
 REPO = Path(__file__).resolve().parents[3]
@@ -38,98 +23,29 @@ def _job(*overrides):
     return load_job(REPO / "jobs" / "demo.yaml", ["model.rank=16", "optim.name=sgd", *overrides])
 
 
-def test_the_optimizer_state_is_loaded_where_the_parameters_are(tmp_path):
-    """``restore_train_state`` moves the model before loading the optimizer state, so every state tensor sits with
-    its parameter. A dtype stands in for the GPU here: ``Optimizer.load_state_dict`` casts state tensors to the
-    parameter's device and dtype alike, and a later ``Module.to`` (``prepare_model``) moves neither. Loaded the
-    old way (state first, then the move), the momentum buffers stay float32 beside float64 parameters."""
-    job = _job()
-    model, _, optimizer, scheduler = build_components(job, CATEGORIES, 4, 1)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.ones_like(p)
-    optimizer.step()
-    scheduler.step()
-    save_checkpoint(model, tmp_path)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-
-    fresh, _, optimizer2, scheduler2 = build_components(job, CATEGORIES, 4, 1)
-    restore_train_state(fresh, optimizer2, scheduler2, tmp_path, state, torch.float64)
-    params = [p for g in optimizer2.param_groups for p in g["params"]]
-    assert params and all(p.dtype == torch.float64 for p in params)
-    for p in params:
-        buffer = optimizer2.state[p]["momentum_buffer"]
-        assert (buffer.device, buffer.dtype) == (p.device, p.dtype)
-    assert scheduler2.last_epoch == scheduler.last_epoch
-
-
-def test_every_rank_has_its_own_rng_stream_and_resumes_it():
-    draws = []
-    for rank in range(3):
-        torch.manual_seed(7)  # what seed_everything(seed) left on every rank
-        seed_rank(7, rank, 3, None)
-        draws.append(torch.randint(0, 2**31, (4,)))
-    assert len({tuple(d.tolist()) for d in draws}) == 3  # DataLoader base seeds differ between ranks
-    torch.manual_seed(0)
-    saved = [rng_state() for _ in range(2)]
-    torch.randint(0, 2**31, (1,))
-    saved[1] = rng_state()
-    expected = torch.randint(0, 2**31, (4,))
-    seed_rank(7, 1, 2, {"rng_per_rank": saved, "rng": saved[0]})
-    assert torch.equal(torch.randint(0, 2**31, (4,)), expected)
-
-
-def _collectives(rank: int, world: int, init: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        # Rank 0 had 3 samples at loss 1.0, rank 1 had 1 sample at loss 5.0 and twice the time per sample.
-        stats = [{"loss": 1.0, "samples": 3, "samples_per_s": 3.0, "skipped_images": 0, "lr": 0.1},
-                 {"loss": 5.0, "samples": 1, "samples_per_s": 0.5, "skipped_images": 2, "lr": 0.1}][rank]
-        merged = global_train_stats(stats, torch.device("cpu"))
-        # Rank 1's second batch is all unreadable: both ranks must skip that step (and only that one).
-        batches = [[(torch.ones(2, 1), torch.ones(2, 1), 0)] * 3,
-                   [(torch.ones(2, 1), torch.ones(2, 1), 0), (torch.empty(0), torch.empty(0), 2),
-                    (torch.ones(1, 1), torch.ones(1, 1), 1)]][rank]
-        steps = [int(b[0].shape[0]) for b in StepTogether(batches, torch.device("cpu"))]
-        Path(out, f"{rank}.json").write_text(json.dumps({"stats": merged, "steps": steps}))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_epoch_numbers_and_skipped_steps_are_agreed_over_ranks(tmp_path):
-    # Forked: a spawned process would import this module (torch, Ray, open_clip) again, for tens of seconds.
-    mp.start_processes(_collectives, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
-    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
-    for r in results:  # the same numbers on every rank
-        assert r["stats"]["loss"] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # weighted by samples, not rank 0's
-        assert r["stats"]["samples"] == 4 and r["stats"]["skipped_images"] == 2
-        assert r["stats"]["samples_per_s"] == pytest.approx(4 / 2.0)  # all samples over the slowest rank's time
-    assert results[0]["steps"] == [2, 0, 2] and results[1]["steps"] == [2, 0, 1]
-
-
-def _stored_run(tmp_path: Path, job) -> None:
-    """A run directory as Train V2 leaves it: its snapshot names the latest checkpoint, which holds job.yaml."""
-    run = tmp_path / job.run_name
-    (run / "checkpoint_2026-12-01_00-00-00.000001").mkdir(parents=True)
-    (run / "checkpoint_2026-12-01_00-00-00.000001" / "job.yaml").write_text(yaml.safe_dump(to_dict(job)))
-    (run / SNAPSHOT_FILE).write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-01_00-00-00.000001"}}))
-
-
 def test_a_rerun_resumes_only_the_same_job_unless_asked(tmp_path):
+    """``resume_check`` against the job stored in the latest checkpoint (``Run.stored_job`` reads it from what
+    Train committed: tests/integration/test_train.py reruns a real run)."""
     base = [f"run.storage_path={tmp_path}", "run.name=r"]
-    check_resume(_job(*base))  # no run yet: nothing to compare
-    _stored_run(tmp_path, _job(*base, "run.max_failures=0"))
-    check_resume(_job(*base, "run.max_failures=3", "train.progress=true"))  # how it runs may change
+    stored = to_dict(_job(*base, "run.max_failures=0"))
+    resume_check(_job(*base, "run.max_failures=3", "train.progress=true"), "ckpt", stored)  # how it runs may change
     with pytest.raises(ConfigError) as info:
-        check_resume(_job(*base, "optim.lr=0.01", "data.known_proportion=0.5"))
+        resume_check(_job(*base, "optim.lr=0.01", "data.known_proportion=0.5"), "ckpt", stored)
     message = str(info.value)
     assert "optim.lr: 0.003 -> 0.01" in message and "data.known_proportion: 0.3 -> 0.5" in message
     assert "run.resume=always" in message and "max_failures" not in message
-    check_resume(_job(*base, "optim.lr=0.01", "run.resume=always"))  # asked to: resumes, with a warning
+    resume_check(_job(*base, "optim.lr=0.01", "run.resume=always"), "ckpt", stored)  # asked to: with a warning
     with pytest.raises(ConfigError, match="run.resume=never"):
-        check_resume(_job(*base, "run.resume=never"))
+        resume_check(_job(*base, "run.resume=never"), "ckpt", stored)
+
+
+def test_a_run_without_a_committed_checkpoint_has_nothing_to_resume(tmp_path):
+    job = _job(f"run.storage_path={tmp_path}", "run.name=r")
+    run = Run.of(job)
+    assert run.uri == str(tmp_path / "r") and run.result() is None and run.stored_job() is None
+    (tmp_path / "r").mkdir()  # the folder exists, Train's snapshot not yet
+    assert run.result() is None and run.latest_checkpoint() is None
+    run.check_resume(job)  # nothing to compare
 
 
 def test_a_resume_leaves_each_epoch_up_to_the_checkpoints_once_in_the_history(tmp_path):
@@ -145,17 +61,18 @@ def test_a_resume_leaves_each_epoch_up_to_the_checkpoints_once_in_the_history(tm
     def epochs():
         return [json.loads(line)["epoch"] for line in history.read_text().splitlines()]
 
+    run = Run.of(job)
     history.write_text(rows(1, 2, 3))  # epoch 3's row written, its checkpoint never committed
-    reconcile_history(job, 2, checkpoint)
+    run.reconcile_history(2, checkpoint)
     assert epochs() == [1, 2]
     (checkpoint / "report.json").write_text(json.dumps({"epoch": 2, "val_mAP": 20.0}))
     history.write_text(rows(1))  # epoch 2's checkpoint committed, its row lost
-    reconcile_history(job, 2, checkpoint)
+    run.reconcile_history(2, checkpoint)
     assert epochs() == [1, 2] and json.loads(history.read_text().splitlines()[1])["val_mAP"] == 20.0
     before = history.stat().st_mtime_ns
-    reconcile_history(job, 2, checkpoint)  # already right: not rewritten
+    run.reconcile_history(2, checkpoint)  # already right: not rewritten
     assert history.stat().st_mtime_ns == before
-    reconcile_history(job, 0, None)  # a restart from no checkpoint: epoch 1's row was never committed either
+    run.reconcile_history(0, None)  # a restart from no checkpoint: epoch 1's row was never committed either
     assert history.read_text() == ""
 
 
