@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # PyTorch wheels: pinned here so a fresh machine takes the builds that lie on its disk.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 $(BIN)/sarl: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,17 @@ demo: $(BIN)/sarl
 	$(BIN)/sarl demo
 
 # Two pytest processes: one Ray driver cannot move to a second cluster (tests/integration/conftest.py).
+# The model library's docstring examples run with the first (--doctest-modules in pyproject.toml).
 test: $(BIN)/sarl
-	$(BIN)/python -m pytest tests -m "not two_node"
+	$(BIN)/python -m pytest tests src/sarl/model -m "not two_node"
 	$(BIN)/python -m pytest tests -m two_node
+
+# Everyday work, a few minutes: unit tests, the docstring examples, S3 against moto's server, one Ray Train run.
+FAST_TESTS := tests/unit src/sarl/model tests/integration/test_storage_s3.py \
+	tests/integration/test_storage_node_cache_s3.py tests/integration/test_vocab_store_s3.py \
+	tests/integration/test_train.py::test_train_on_local_storage_and_evaluate
+test-fast: $(BIN)/sarl
+	$(BIN)/python -m pytest $(FAST_TESTS)
 
 bench: $(BIN)/sarl
 	$(BIN)/python bench/model_forward.py
