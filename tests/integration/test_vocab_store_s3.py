@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
+from sarl.cli.vocab import add_vocab_parser
 from sarl.model.vocabulary import Category, Vocabulary, VocabularyError
 from sarl.platform import storage
-from sarl.platform.vocab_cli import add_vocab_parser
 from sarl.platform.vocab_store import VocabStore, VocabStoreError, read_vocabulary_file
 
 pytestmark = pytest.mark.integration

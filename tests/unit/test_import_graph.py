@@ -85,6 +85,6 @@ def test_no_import_cycle_in_the_package():
 
 def test_only_what_runs_training_imports_the_train_adapter():
     """``platform.train`` is the Ray Train adapter: commands that train import it, nobody imports it for a helper
-    (cluster helpers are ``platform.cluster``, the run's files ``platform.runs``, rank helpers ``model.distributed``)."""
+    (cluster helpers are ``platform.cluster``, a run's files ``platform.runs``, rank helpers ``model.distributed``)."""
     importers = {m for m, imported in import_graph().items() if "sarl.platform.train" in imported}
     assert importers == {"sarl.cli", "sarl.platform.protocol", "sarl.platform.tune"}

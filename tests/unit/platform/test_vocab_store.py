@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sarl.cli.vocab import add_vocab_parser
 from sarl.model.vocabulary import Category, Vocabulary, VocabularyError
 from sarl.platform import vocab_store
-from sarl.platform.vocab_cli import add_vocab_parser
 from sarl.platform.vocab_store import VocabStore, VocabStoreError, read_vocabulary_file
 
 

@@ -1,6 +1,6 @@
 """``sarl vocab push | list | show | rollback``: the vocabulary store from the command line.
 
-``sarl.cli`` adds these with one call to :func:`add_vocab_parser`. Each command returns an exit code; user
+``sarl.cli.build_parser`` adds these with one call to :func:`add_vocab_parser`. Each command returns an exit code; user
 errors (bad file, unknown version, unreachable store) print ``sarl vocab <cmd>: <message>`` and return 2.
 """
 
@@ -15,9 +15,9 @@ from collections.abc import Callable
 import yaml
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sarl.model.vocabulary import Vocabulary, VocabularyError
-from sarl.platform.storage import StorageError
-from sarl.platform.vocab_store import (
+from ..model.vocabulary import Vocabulary, VocabularyError
+from ..platform.storage import StorageError
+from ..platform.vocab_store import (
     VocabStore,
     VocabStoreError,
     check_against_checkpoint,

@@ -10,22 +10,22 @@ import json
 import sys
 from pathlib import Path
 
-from .model.config import ConfigError
-from .platform.protocol import DEFAULT_PROPORTIONS
-from .platform.storage import StorageError
-from .platform.vocab_cli import add_vocab_parser
+from ..model.config import ConfigError
+from ..platform.protocol import DEFAULT_PROPORTIONS
+from ..platform.storage import StorageError
+from .vocab import add_vocab_parser
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(args.output_dir, args.overrides, serve=not args.no_serve)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .platform.job import load_job
-    from .platform.train import run_training
+    from ..platform.job import load_job
+    from ..platform.train import run_training
 
     job = load_job(args.config, args.overrides)
     if args.address:
@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .platform.evaluate import evaluate_checkpoint, format_metrics
+    from ..platform.evaluate import evaluate_checkpoint, format_metrics
 
     result = evaluate_checkpoint(args.checkpoint, args.split, args.data, args.workers, args.output_dir,
                                  args.address)
@@ -56,8 +56,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .model.checkpoint import CheckpointError, export_checkpoint
-    from .platform import node_cache, storage
+    from ..model.checkpoint import CheckpointError, export_checkpoint
+    from ..platform import node_cache, storage
 
     try:
         if storage.is_s3(args.output):
@@ -76,7 +76,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _protocol(args: argparse.Namespace) -> int:
-    from .platform.protocol import merge_protocol, run_protocol
+    from ..platform.protocol import merge_protocol, run_protocol
 
     if args.merge:
         if args.overrides or args.config:
@@ -91,7 +91,7 @@ def _protocol(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .platform.tune import load_sweep, run_sweep
+    from ..platform.tune import load_sweep, run_sweep
 
     sweep, job = load_sweep(args.config, args.overrides)
     result = run_sweep(sweep, job, args.address)
@@ -110,7 +110,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .platform.predict import PredictConfig, PredictError, run_predict
+    from ..platform.predict import PredictConfig, PredictError, run_predict
 
     args = _with_config(args, {}, ("checkpoint", "input", "output"))
     if args is None:
@@ -154,7 +154,7 @@ def _with_config(args: argparse.Namespace, defaults: dict, required: tuple[str, 
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .platform.complete import DEFAULT_MIN_POSITIVES, run_calibrate
+    from ..platform.complete import DEFAULT_MIN_POSITIVES, run_calibrate
 
     args = _with_config(args, {"min_positives": DEFAULT_MIN_POSITIVES, "no_current": False, "data": [],
                                "out_of_fold": False, "workers": 1},
@@ -178,9 +178,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _complete(args: argparse.Namespace) -> int:
     import json
 
-    from .platform import storage
-    from .platform.complete import DEFAULT_BAND, run_complete
-    from .platform.predict import PredictConfig, read_rows, run_predict
+    from ..platform import storage
+    from ..platform.complete import DEFAULT_BAND, run_complete
+    from ..platform.predict import PredictConfig, read_rows, run_predict
 
     args = _with_config(args, {"band": DEFAULT_BAND, "suggest": 0}, ("checkpoint", "manifest", "output"))
     if args is None:
@@ -202,7 +202,7 @@ def _complete(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .platform.serve import ServeConfig, read_serve_config, serve_forever, with_gpus
+    from ..platform.serve import ServeConfig, read_serve_config, serve_forever, with_gpus
 
     config = read_serve_config(args.config) if args.config else ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {})
     flags = {"checkpoint": args.checkpoint, "vocab_store": args.vocab_store, "word_vectors": args.word_vectors}
@@ -367,6 +367,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sarl {args.command}: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
