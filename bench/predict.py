@@ -48,7 +48,7 @@ def make_files(folder: Path, n: int) -> list[Path]:
 
 
 def plain_loop(checkpoint: Path, paths: list[Path], batch_size: int) -> dict[str, float]:
-    from sarl.platform.scoring import ImageScorer
+    from sarl.platform.serve.scoring import ImageScorer
 
     started = time.perf_counter()
     scorer = ImageScorer(str(checkpoint), "cpu")

@@ -5,7 +5,7 @@ images (generated, 320x240, sent as raw bytes), same CPUs (``--cpus``, default a
 
 1. the raw batched forward in this process (decode + preprocess + ``BoundVocabulary.score`` on a batch of
    ``concurrency`` images): the limit; latency of an image is the latency of its batch;
-2. Ray Serve over HTTP (``sarl.platform.serve.Predictor``, one replica holding all the CPUs) with dynamic
+2. Ray Serve over HTTP (``sarl.platform.serve.deployment.Predictor``, one replica holding all the CPUs) with dynamic
    batching (``max_batch_size`` 32, ``batch_wait_timeout_s`` 0.01);
 3. the same deployment reconfigured to ``max_batch_size`` 1 (no batching);
 4. a plain FastAPI app in one uvicorn process, one forward per request in the threadpool (this file, run as
@@ -56,7 +56,7 @@ from sarl.model import Category, Vocabulary, create_model
 from sarl.model.checkpoint import load_checkpoint, save_checkpoint
 from sarl.model.data.transforms import build_transforms
 from sarl.model.serving import bind_vocabulary
-from sarl.platform.serve_io import decode_image
+from sarl.platform.serve.io import decode_image
 
 CATEGORIES = [f"category {i}" for i in range(20)]  # VOC-sized vocabulary, as bench/model_forward.py
 MODELS = {"tiny": {}, "rn50": {"pretrained": None, "semantic_source": "clip"}}  # random weights

@@ -95,7 +95,7 @@ def served_replica(gpu: bool = True) -> bool:
     from sarl.model.data.transforms import build_transforms
     from sarl.model.serving import bind_vocabulary
     from sarl.platform.serve import ServeConfig, deploy, with_gpus
-    from sarl.platform.serve_io import decode_image
+    from sarl.platform.serve.io import decode_image
 
     device = "cuda" if gpu else "cpu"
     ok = True

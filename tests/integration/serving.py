@@ -22,7 +22,7 @@ from sarl.model import Category, Vocabulary
 from sarl.model.checkpoint import load_checkpoint
 from sarl.model.data.transforms import build_transforms
 from sarl.platform.serve import ServeConfig, deploy
-from sarl.platform.serve_io import decode_image
+from sarl.platform.serve.io import decode_image
 from sarl.platform.vocab_store import VocabStore
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@
                  [--vocab-store URI [--vocab-version V]] [--format parquet|jsonl] [--overwrite]
 
 The pipeline: the image paths (a folder or an ``s3://`` prefix, recursively, by image suffix; or a manifest's
-``path`` column, relative to the manifest) -> read and decode on CPU tasks (``serve_io.decode_image`` and the
+``path`` column, relative to the manifest) -> read and decode on CPU tasks (``serve.io.decode_image`` and the
 model's transform, as for a request) -> score in an actor pool that loads the model once per actor
 (``ActorPoolStrategy``; a GPU per actor when the cluster has GPUs) with ``scoring.ImageScorer``, Serve's code:
 an image's scores equal ``POST /v1/predict``'s for the same checkpoint and vocabulary version. The driver reads
@@ -184,7 +184,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, mean: Any, std: 
     """Read and preprocess a batch of paths (a CPU task): ``image`` (N, 3, S, S) float32, and ``error`` ("" when
     the image was read), exactly as a prediction request's image is."""
     from ..model.data.transforms import build_transforms
-    from .serve_io import RequestError, decode_image
+    from .serve.io import RequestError, decode_image
 
     transform = build_transforms(image_size, mean, std, train=False)
     images, errors = [], []
@@ -208,7 +208,7 @@ class Score:
                  vocab_version: str | None, device: str) -> None:
         import torch
 
-        from .scoring import ImageScorer
+        from .serve.scoring import ImageScorer
 
         torch.set_grad_enabled(False)
         self.scorer = ImageScorer(checkpoint, device, resolved=resolved)  # the model the driver identified

@@ -91,7 +91,7 @@ def test_a_sweep_whose_job_has_a_wrong_option_is_refused(tmp_path: Path) -> None
 
 def test_serve_ctrl_c_deletes_only_its_own_application(monkeypatch: pytest.MonkeyPatch) -> None:
     from sarl.platform import cluster
-    from sarl.platform import serve as serve_module
+    from sarl.platform.serve import deployment as serve_module
 
     calls: list[tuple[str, ...]] = []
 

@@ -17,8 +17,8 @@ from starlette.requests import Request
 
 from sarl.model import Category, Vocabulary
 from sarl.model.serving import BoundVocabulary
-from sarl.platform.serve import ServeArgs, _response, read_serve_config
-from sarl.platform.serve_io import RequestError, check_options, decode_image, parse_predict_request
+from sarl.platform.serve.deployment import ServeArgs, _response, read_serve_config
+from sarl.platform.serve.io import RequestError, check_options, decode_image, parse_predict_request
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -261,7 +261,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(monkeypatch):
 
 
 def test_decode_image_changes_no_global_setting():
-    import sarl.platform.serve  # noqa: F401  everything the deployment imports: none may set it
+    import sarl.platform.serve.deployment  # noqa: F401  everything the deployment imports: none may set it
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # else truncated images decode half grey instead of a 400
     filters, limit = list(warnings.filters), Image.MAX_IMAGE_PIXELS
     decode_image(png(), 10**6)
@@ -343,7 +343,7 @@ def test_unexpected_errors_become_json_with_the_request_id() -> None:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from sarl.platform import serve as serving
+    from sarl.platform.serve import deployment as serving
 
     app = FastAPI()
     app.middleware("http")(serving._errors_and_metrics)

@@ -13,7 +13,7 @@ import torch
 
 from sarl.model import Category, Vocabulary, create_model
 from sarl.model.serving import bind_vocabulary
-from sarl.platform.serve_vocab import (
+from sarl.platform.serve.vocabulary import (
     BUILD_FAILED,
     INVALID,
     TOO_LARGE,

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..model.prompts import tokenize
-from ..model.serving import BoundVocabulary
-from ..model.vocabulary import Vocabulary, VocabularyError
-from .vocab_store import VocabStore, VocabStoreError
+from ...model.prompts import tokenize
+from ...model.serving import BoundVocabulary
+from ...model.vocabulary import Vocabulary, VocabularyError
+from ..vocab_store import VocabStore, VocabStoreError
 
 logger = logging.getLogger("ray.serve")
 

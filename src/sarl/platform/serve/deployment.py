@@ -6,13 +6,13 @@ vocabulary that replicas reload while serving.
 Heavy state (the checkpoint's model, on the replica's GPU when it has one) is loaded in ``__init__``; light
 state comes from ``user_config`` through ``reconfigure`` (batch size, batch wait, poll interval, backoff cap, a
 pinned vocabulary version), so changing it never restarts a replica. A background thread follows the vocabulary
-store (``serve_vocab.VocabularyWatcher``: retries, refusals, limits): it builds a new version's per-category
+store (``vocabulary.VocabularyWatcher``: retries, refusals, limits): it builds a new version's per-category
 tensors off the request path, then swaps one reference. A batch reads that reference once, so every response
 comes from exactly one vocabulary version, and it names it, with the model (``aliases``: id and digest).
 
-A request: the body is read and checked (``serve_io``), the image decoded on the decode pool, the batch scored
+A request: the body is read and checked (``io``), the image decoded on the decode pool, the batch scored
 on the forward thread (stack, copy to the device, forward, copy back: never on the event loop). Every response
-and every error is JSON with the request id; the ``sarl_*`` metrics (``serve_metrics``) count and time it.
+and every error is JSON with the request id; the ``sarl_*`` metrics (``metrics``) count and time it.
 """
 
 import asyncio
@@ -35,13 +35,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from ..model.serving import BoundVocabulary
-from . import storage
-from .aliases import is_alias, read_alias
+from ...model.serving import BoundVocabulary
+from .. import storage
+from ..aliases import is_alias, read_alias
+from ..vocab_store import VocabStore
+from .io import RequestError, parse_predict_request
 from .scoring import ImageScorer
-from .serve_io import RequestError, parse_predict_request
-from .serve_vocab import VocabularyLimits, VocabularyWatcher
-from .vocab_store import VocabStore
+from .vocabulary import VocabularyLimits, VocabularyWatcher
 
 logger = logging.getLogger("ray.serve")
 
@@ -210,7 +210,7 @@ class Predictor:
     """One replica: the model, the bound vocabulary and its watcher, two executors, health and metrics."""
 
     def __init__(self, args: ServeArgs) -> None:
-        from .serve_metrics import ServeMetrics
+        from .metrics import ServeMetrics
 
         self.args = args
         self.scorer = ImageScorer(args.checkpoint, args.device, args.resolved, args.word_vectors,
@@ -413,7 +413,7 @@ def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
 
 def serve_forever(args: ServeArgs | dict, config: ServeConfig | None = None, address: str | None = None) -> None:
     """``sarl serve``: deploy on the cluster at ``address`` (default: $RAY_ADDRESS, else a local one) until Ctrl-C."""
-    from .cluster import init_ray
+    from ..cluster import init_ray
 
     init_ray(address)
     url = deploy(args, config)

@@ -1,7 +1,7 @@
 """The one way images become probabilities, shared by Serve's replicas and ``sarl predict``.
 
 An :class:`ImageScorer` holds a checkpoint's model on a device (an alias resolved, its id and digest known),
-decodes and transforms image bytes exactly as a prediction request's are (``serve_io.decode_image``: EXIF
+decodes and transforms image bytes exactly as a prediction request's are (``io.decode_image``: EXIF
 orientation, colour modes, pixel limit), and scores a list of preprocessed images under a bound vocabulary
 (``BoundVocabulary.score_list``: bf16 autocast on CUDA, fp32 cosines). So an image gets the same scores from
 ``POST /v1/predict`` and from a bulk run, for the same checkpoint and vocabulary version.
@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..model.checkpoint import load_checkpoint
-from ..model.data.transforms import build_transforms
-from ..model.serving import BoundVocabulary, bind_vocabulary
-from . import node_cache
-from .aliases import served_checkpoint
-from .serve_io import decode_image
-from .word_vectors import load as load_vectors
+from ...model.checkpoint import load_checkpoint
+from ...model.data.transforms import build_transforms
+from ...model.serving import BoundVocabulary, bind_vocabulary
+from .. import node_cache
+from ..aliases import served_checkpoint
+from ..word_vectors import load as load_vectors
+from .io import decode_image
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -51,7 +51,7 @@ class ImageScorer:
         return bind_vocabulary(self.model, vocabulary, self.word_vectors)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
-        """Image bytes to the model's (3, H, W) input; ``serve_io.RequestError`` (400 / 413) for bad images."""
+        """Image bytes to the model's (3, H, W) input; ``io.RequestError`` (400 / 413) for bad images."""
         return self.transform(decode_image(data, self.max_image_pixels))
 
     def blank(self) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""Ray Serve: the ``sarl`` application and its parts.
+
+- ``deployment``: the ``Predictor`` deployment (HTTP routes, dynamic batching, health), ``build_app`` (the
+  ``import_path`` of Serve configs: ``sarl.platform.serve:build_app``), Serve config files and ``deploy``;
+- ``io``: request bodies and image decoding, with their limits;
+- ``vocabulary``: the watcher that follows a vocabulary store and builds each new version;
+- ``metrics``: the ``sarl_*`` request metrics;
+- ``scoring``: a checkpoint's model with its preprocessing, shared with bulk prediction (``sarl predict``).
+
+The deployment's names are importable from here; it is imported on first use, so ``io`` and ``scoring`` do not
+pull in Ray Serve and FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DEPLOYMENT = ("APP_NAME", "Predictor", "ServeArgs", "ServeConfig", "UserConfig", "build_app", "deploy",
+               "read_serve_config", "serve_forever", "with_gpus")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPLOYMENT:
+        from . import deployment
+
+        return getattr(deployment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_DEPLOYMENT)
