@@ -18,7 +18,7 @@ from .plots import per_class_ap
 # Sized so both models train in a few minutes on 2 CPU cores and SARL clearly beats chance.
 DEMO_JOB = {
     "name": "demo",
-    "model": {"name": "tiny", "head": "sarl"},
+    "model": {"name": "tiny", "head": "sarl", "semantic_source": "word", "word_vectors": "glove-6b-50d"},
     "data": {"kind": "synthetic", "known_proportion": 0.3, "augment": "none", "num_workers": 0,
              "options": {"num_images": 1200, "image_size": 64, "seed": 0}},
     "loss": {"name": "asl"},

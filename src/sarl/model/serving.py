@@ -33,9 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from .sarl import SARLModel
-from .vocabulary import Category, MissingWordsError, Vocabulary, semantic_vectors
+from .vocabulary import (
+    Category,
+    MissingWordsError,
+    Vocabulary,
+    is_builtin_word_vectors,
+    load_word_vectors,
+    semantic_vectors,
+)
 
-__all__ = ["BoundVocabulary", "bind_vocabulary", "match_trained", "vocabulary_problems"]
+__all__ = ["BoundVocabulary", "bind_vocabulary", "default_word_vectors", "match_trained", "vocabulary_problems"]
 
 PROMPT_CHUNK = 256  # zero-shot prompts per text-tower forward when a vocabulary is bound
 
@@ -117,14 +124,28 @@ def match_trained(vocabulary: Vocabulary, trained: Vocabulary) -> tuple[list[int
     return rows, problems
 
 
+def default_word_vectors(recorded: str | None, given: Any = None) -> Any:
+    """The word vectors that embed new category names: ``given`` (loaded vectors) if any, else the ones the model
+    was trained with when they are built in (``glove-6b-50d``: the same on every machine); None otherwise, as a
+    recorded file path may not exist where the checkpoint is served."""
+    if given is not None:
+        return given
+    if isinstance(recorded, str) and is_builtin_word_vectors(recorded):
+        return load_word_vectors(recorded)
+    return None
+
+
 def _zero_shot_semantics(model: SARLModel, categories: list[Category], word_vectors: Any) -> torch.Tensor:
     """Centred unit semantic vectors (N, S) for zero-shot categories, built as the trained ones were."""
     cfg = model.config
+    if cfg.semantic_source == "word":
+        word_vectors = default_word_vectors(cfg.word_vectors, word_vectors)
     needs_words = cfg.semantic_source == "word" and any(c.vector is None for c in categories)
     if needs_words and word_vectors is None:
         names = ", ".join(repr(c.name) for c in categories if c.vector is None)
         raise ValueError(f"zero-shot categories {names} need word vectors (the model's semantic vectors are word "
-                         "vectors): give the word vector file, or an explicit 'vector' per category")
+                         "vectors, not built-in ones): give the word vector file, or an explicit 'vector' per "
+                         "category")
     raw = semantic_vectors(Vocabulary(categories, version="zero-shot"), word_vectors,
                            text_encoder=model.text.encode_texts, source=cfg.semantic_source)
     expected = model.semantics.shape[1]
@@ -206,6 +227,7 @@ def vocabulary_problems(vocabulary: Vocabulary, checkpoint_dir: str | Path, word
                             f"have {dim}")
     if config.semantic_source == "word":
         lookup = [c for c in zero if c.vector is None]
+        word_vectors = default_word_vectors(config.word_vectors, word_vectors) if lookup else word_vectors
         if lookup and word_vectors is None:
             problems.append(f"cannot check the words of zero-shot categories {', '.join(repr(c.name) for c in lookup)}"
                             ": the model uses word vectors; give the word vector file")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from gensim.models import KeyedVectors
 
-from sarl.model import Category, Vocabulary, create_model
+from sarl.model import Category, Vocabulary, create_model, get_model_config
 from sarl.model.checkpoint import save_checkpoint
 from sarl.model.prompts import tokenize
 from sarl.model.serving import bind_vocabulary, match_trained, vocabulary_problems
@@ -94,6 +94,24 @@ def test_word_vector_model_zero_shot(word_model, images):
     torch.testing.assert_close(bound.score(m, images)[:, :3], m(images).sigmoid())
     with pytest.raises(ValueError, match="need word vectors"):
         bind_vocabulary(m, Vocabulary([Category("star")]))
+
+
+def test_a_model_trained_on_built_in_vectors_embeds_new_names_with_them(tmp_path, images):
+    """No vectors given: a model whose ``word_vectors`` is built in (the same on every machine) uses its own;
+    a model trained on a file still needs them given (test_word_vector_model_zero_shot)."""
+    from sarl.model.vocabulary import load_word_vectors
+
+    torch.manual_seed(0)
+    config = get_model_config("tiny", semantic_source="word", word_vectors="glove-6b-50d")
+    m = create_model(config, ["circle", "square", "triangle"]).eval()
+    glove = load_word_vectors("glove-6b-50d")
+    bound = bind_vocabulary(m, Vocabulary([*m.vocabulary.categories, Category("heart")], version="2"))
+    expected = F.normalize(F.normalize(torch.from_numpy(glove["heart"].copy()), dim=0) - m.semantic_mean, dim=0)
+    torch.testing.assert_close(bound.semantics[3], expected)
+    save_checkpoint(m, tmp_path / "ckpt")
+    assert vocabulary_problems(Vocabulary([Category("heart")]), tmp_path / "ckpt") == []
+    problems = vocabulary_problems(Vocabulary([Category("heart"), Category("zqxwv")]), tmp_path / "ckpt")
+    assert problems == ["'zqxwv': words not in the word vectors: zqxwv"]
 
 
 def test_vocabulary_problems_against_a_checkpoint(word_model):
