@@ -34,7 +34,7 @@ def test_sweep_stops_trials_early_and_its_best_job_reproduces(ray_cluster, tmp_p
     assert len(trials) == 4 and all(t["error"] is None for t in trials)
     assert {t["params"]["loss.name"] for t in trials} == {"asl", "wan"}
     assert {t["params"]["model.fusion"] for t in trials} == {"bilinear", "dot"}
-    assert any(t["status"] == "stopped early" and t["epochs"] < 3 for t in trials), trials
+    assert any(t["status"] == "stopped early" and t["stopped_at"] < 3 for t in trials), trials
     assert all("loss.params.gamma_neg" in t["params"] for t in trials if t["params"]["loss.name"] == "asl")
     assert not any("loss.params.gamma_neg" in t["params"] for t in trials if t["params"]["loss.name"] == "wan")
     assert [t["best"] for t in trials] == sorted((t["best"] for t in trials), reverse=True)

@@ -350,7 +350,9 @@ def _trials(grid: Any, sweep: SweepConfig, max_epochs: int, train_storage: str |
     report never reached Tune (the trial driver was stopped in between), and the resumed trial goes on from the
     next epoch, so Tune's table lacks that epoch while Train's history has it. And a trial ASHA stopped at a rung
     can hold more epochs than the rung: ``TuneReportCallback`` puts each report on a queue Train does not wait on,
-    so Train goes on with the next epoch while Tune decides; the record keeps what was trained.
+    so Train goes on with the next epoch while Tune decides (on a busy machine, to the last epoch); the record
+    keeps what was trained (``epochs``) and, from Tune's table, the last epoch Tune took before it stopped the
+    trial (``stopped_at``, None for a trial that ran to the end), which decides ``status``.
     """
     from .runs import Run
 
@@ -370,9 +372,12 @@ def _trials(grid: Any, sweep: SweepConfig, max_epochs: int, train_storage: str |
         params = result.config or {}  # None for a trial that failed before it reported (its actor never ran)
         active = {k: v for k, v in params.items() if _active(sweep.space[k], params)}
         best = (max(curve) if sweep.mode == "max" else min(curve)) if curve else None
-        status = ("error" if result.error else "completed" if len(curve) >= max_epochs else "stopped early")
+        seen = (int(tune_history["epoch"].max()) if tune_history is not None and "epoch" in tune_history
+                and len(tune_history) else len(curve))  # the last epoch Tune took
+        stopped_at = min(seen, len(curve)) if min(seen, len(curve)) < max_epochs else None
+        status = "error" if result.error else "stopped early" if stopped_at is not None else "completed"
         trials.append({"trial_id": trial_id or Path(result.path or "?").name, "status": status,
-                       "epochs": len(curve), "best": best, "curve": curve, "params": active,
+                       "epochs": len(curve), "stopped_at": stopped_at, "best": best, "curve": curve, "params": active,
                        "cache_hits": series["cache_hits"], "cache_misses": series["cache_misses"],
                        "error": str(result.error) if result.error else None})
     key = (lambda t: -t["best"]) if sweep.mode == "max" else (lambda t: t["best"])
@@ -389,8 +394,8 @@ def write_results(sweep: SweepConfig, job: dict[str, Any], trials: list[dict[str
                                     if not storage.is_s3(sweep.storage_path) else Path("runs/tune") / sweep.name))
     out.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for t in trials for k in t["params"]})
-    header = ["rank", "trial", "status", "epochs", f"best {sweep.metric}", *keys]
-    rows = [[i + 1, t["trial_id"], t["status"], t["epochs"],
+    header = ["rank", "trial", "status", "stopped at", "epochs trained", f"best {sweep.metric}", *keys]
+    rows = [[i + 1, t["trial_id"], t["status"], t["stopped_at"] or "-", t["epochs"],
              f"{t['best']:.2f}" if t["best"] is not None else "-",
              *[_fmt(t["params"].get(k, "-")) for k in keys]] for i, t in enumerate(trials)]
     with open(out / "trials.csv", "w", newline="") as fh:

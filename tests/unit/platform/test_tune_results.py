@@ -45,3 +45,18 @@ def test_the_curve_comes_from_the_trials_train_history_when_tune_missed_an_epoch
     [trial] = _trials([tune_rows], sweep, max_epochs=3, train_storage=str(tmp_path))
     assert trial["curve"] == [40.0, 70.0, 60.0] and trial["best"] == 70.0 and trial["status"] == "completed"
     assert trial["cache_hits"] == [1, 1, 1]
+
+
+def test_a_trial_asha_stopped_is_stopped_early_though_train_ran_on_to_the_end(tmp_path):
+    """Tune took epoch 1 and stopped the trial there; its Train run had reported epochs 2 and 3 meanwhile."""
+    import json
+
+    sweep = from_dict(SweepConfig, {"space": {"loss.name": {"grid": ["asl"]}}})
+    stopped = result({"loss.name": "asl"}, [40.0], path="sweep/run_trial_s")
+    stopped.metrics_dataframe["epoch"] = [1]
+    stopped.metrics = {"trial_id": "s"}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "history.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "val_mAP": v}) + "\n" for e, v in ((1, 40.0), (2, 45.0), (3, 50.0))))
+    [trial] = _trials([stopped], sweep, max_epochs=3, train_storage=str(tmp_path))
+    assert (trial["status"], trial["stopped_at"], trial["epochs"]) == ("stopped early", 1, 3)
