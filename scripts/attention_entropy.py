@@ -1,7 +1,7 @@
 """Does the semantic decoupling learn to look somewhere? Its attention, epoch by epoch, on a synthetic job.
 
     python scripts/attention_entropy.py --config jobs/synthetic_hard.yaml --output-dir docs/results/attention \
-        --variant "default=" --variant "scaled=model.decoupling_init=scaled" [--images 128] [override ...]
+        --variant "linear=" --variant "unit=model.decoupling_init=unit" [--images 128] [override ...]
 
 Each ``--variant NAME=OVERRIDES`` (comma-separated ``key=value``, after the shared overrides) is one in-process
 run (``experiment.fit``). Before training and after every epoch it measures, on the first ``--images`` test

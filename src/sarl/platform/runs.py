@@ -9,8 +9,8 @@ Ray Train writes the checkpoints and its snapshot of them (read here through ``r
         checkpoint_<time>/job.yaml    in every checkpoint: the job that wrote it (URIs, not node paths)
         checkpoint_<time>/report.json the epoch's history row, to restore a row a failure lost
 
-``Run`` is the one place that knows this layout: training, the resume check, sweeps (ASHA reads each trial's
-history), evaluation, serving and prediction read runs through it.
+``Run`` is the one place that knows this layout: training, the resume check and sweeps (ASHA and the results read
+each trial's history) go through it. Evaluation, serving and prediction take checkpoint and alias URIs, not runs.
 """
 
 from __future__ import annotations
@@ -110,8 +110,6 @@ class Run:
         metrics), or None while the run has committed no checkpoint."""
         import ray.train
 
-        if not storage.exists(self.uri):
-            return None
         filesystem, path = storage.pyarrow_filesystem(self.uri)
         if filesystem is None:
             path = str(Path(path).expanduser().resolve())
@@ -121,7 +119,7 @@ class Run:
         manager_log.setLevel(logging.WARNING)
         try:
             return ray.train.Result.from_path(path, storage_filesystem=filesystem)
-        except RuntimeError:  # no checkpoint_manager_snapshot.json yet
+        except RuntimeError:  # no run folder, or no checkpoint_manager_snapshot.json in it yet
             return None
         finally:
             manager_log.setLevel(level)
@@ -140,9 +138,13 @@ class Run:
     def stored_job(self) -> tuple[str, dict[str, Any]] | None:
         """``(checkpoint URI, job dict)`` of the latest checkpoint (what a rerun of the name resumes), or None."""
         latest = self.latest_checkpoint()
-        if latest is None or not storage.exists(storage.join(latest[0], JOB_FILE)):
+        if latest is None:
             return None
-        return latest[0], yaml.safe_load(storage.read_text(storage.join(latest[0], JOB_FILE))) or {}
+        try:
+            text = storage.read_text(storage.join(latest[0], JOB_FILE))
+        except FileNotFoundError:
+            return None
+        return latest[0], yaml.safe_load(text) or {}
 
     def check_resume(self, job: JobConfig) -> None:
         """Before a run starts: a run that already has a checkpoint is resumed only as ``run.resume`` allows

@@ -374,7 +374,8 @@ def _trials(grid: Any, sweep: SweepConfig, max_epochs: int, train_storage: str |
         best = (max(curve) if sweep.mode == "max" else min(curve)) if curve else None
         seen = (int(tune_history["epoch"].max()) if tune_history is not None and "epoch" in tune_history
                 and len(tune_history) else len(curve))  # the last epoch Tune took
-        stopped_at = min(seen, len(curve)) if min(seen, len(curve)) < max_epochs else None
+        last = min(seen, len(curve))
+        stopped_at = last if last < max_epochs else None
         status = "error" if result.error else "stopped early" if stopped_at is not None else "completed"
         trials.append({"trial_id": trial_id or Path(result.path or "?").name, "status": status,
                        "epochs": len(curve), "stopped_at": stopped_at, "best": best, "curve": curve, "params": active,
