@@ -87,4 +87,4 @@ def test_only_what_runs_training_imports_the_train_adapter():
     """``platform.train`` is the Ray Train adapter: commands that train import it, nobody imports it for a helper
     (cluster helpers are ``platform.cluster``, a run's files ``platform.runs``, rank helpers ``model.distributed``)."""
     importers = {m for m, imported in import_graph().items() if "sarl.platform.train" in imported}
-    assert importers == {"sarl.cli", "sarl.platform.protocol", "sarl.platform.tune"}
+    assert importers == {"sarl.cli.train", "sarl.platform.protocol", "sarl.platform.tune"}

@@ -1,161 +1,131 @@
-"""Typed configuration: dataclasses built from plain dicts / YAML, with ``key=value`` overrides.
+"""Typed configuration on pydantic v2: sections built from plain dicts / YAML, with ``key=value`` overrides.
 
-Every section is a dataclass. ``from_dict`` walks the dataclass fields, so an unknown key, a value of the
-wrong type or a value outside a field's allowed set is an error that names the dotted key. Fields declare
-their constraints in ``metadata``: ``choices`` (allowed values) and ``check`` (a predicate with a message).
+Every section is a pydantic dataclass made with :func:`section` (``extra="forbid"``): its fields state their type,
+default and constraints once (``Field(0.3, gt=0, le=1)``, ``Literal[...]`` for a fixed set of values), and the
+JSON schema of any section comes from :func:`json_schema`. :func:`from_dict` turns pydantic's errors into one
+``ConfigError`` whose message names the dotted key and the value, the way every command reports a bad job:
+
+>>> from pydantic import Field
+>>> @section
+... class Train:
+...     epochs: int = Field(50, gt=0)
+...     seed: int = 0
+>>> from_dict(Train, {"epochs": 3})
+Train(epochs=3, seed=0)
+>>> from_dict(Train, parse_overrides(["epochs=0"]), prefix="train")
+Traceback (most recent call last):
+...
+sarl.model.config.ConfigError: train.epochs: 0 should be greater than 0
+>>> from_dict(Train, {"epoch": 3}, prefix="train")
+Traceback (most recent call last):
+...
+sarl.model.config.ConfigError: unknown key in train: train.epoch (valid: epochs, seed)
+
 The resolved configuration is written back with ``to_dict`` and saved beside every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 T = TypeVar("T")
+
+SECTION_CONFIG = ConfigDict(extra="forbid")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the dotted key."""
 
 
-def field(default: Any = dataclasses.MISSING, *, choices: Iterable[Any] | None = None,
-          check: tuple[Callable[[Any], bool], str] | None = None, default_factory: Any = dataclasses.MISSING,
-          help: str = "") -> Any:
-    """A dataclass field with validation metadata (``choices`` or ``check=(predicate, 'must be ...')``)."""
-    meta = {"choices": tuple(choices) if choices is not None else None, "check": check, "help": help}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+def section(cls: type[T]) -> type[T]:
+    """Make ``cls`` a configuration section: a pydantic dataclass that refuses unknown keys."""
+    return _pydantic_dataclass(cls, config=SECTION_CONFIG)
 
 
-def in_unit_interval(open_low: bool = True) -> tuple[Callable[[Any], bool], str]:
-    """Check for a proportion: ``(0, 1]`` by default, ``[0, 1]`` with ``open_low=False``."""
-    if open_low:
-        return (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
-    return (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
-def positive() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v > 0, "must be > 0")
-
-
-def non_negative() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= 0, "must be >= 0")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        sections = [a for a in args if dataclasses.is_dataclass(a)]
-        if isinstance(value, Mapping) and len(sections) == 1:  # e.g. ``cache: {...}`` of ``CacheConfig | bool``:
-            return _coerce(value, sections[0], key)  # its own errors name the bad nested key
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} is not a valid {' | '.join(_type_name(a) for a in args)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
+def json_schema(cls: type) -> dict[str, Any]:
+    """The JSON schema of a section (``sarl config schema``)."""
+    return _adapter(cls).json_schema()
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError naming them."""
+    """Build section ``cls`` from ``data``; unknown keys and bad values raise ConfigError naming them."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}{where}: "
-                          f"{', '.join(_join(prefix, k) for k in unknown)} (valid: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = _join(prefix, name)
-        value = _coerce(value, hints[name], key)
-        _validate(fields[name], value, key)
-        kwargs[name] = value
     try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+        return _adapter(cls).validate_python(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, cls, prefix)) from None
 
 
-def _validate(f: dataclasses.Field, value: Any, key: str) -> None:
-    if value is None:
-        return
-    choices = f.metadata.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    check = f.metadata.get("check")
-    if check is not None and not check[0](value):
-        raise ConfigError(f"{key}: {value!r} {check[1]}")
+def describe(exc: ValidationError, cls: type, prefix: str = "") -> str:
+    """pydantic's errors as one message of dotted keys and values (unknown keys grouped by section)."""
+    unknown: dict[tuple, list[str]] = {}
+    messages = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if error["type"] == "unexpected_keyword_argument":
+            unknown.setdefault(loc[:-1], []).append(_key(prefix, loc))
+            continue
+        messages.append(_message(error, _key(prefix, loc), _is_section(cls, loc)))
+    for parent, keys in unknown.items():
+        where = _key(prefix, parent)
+        valid = ", ".join(sorted(f.name for f in dataclasses.fields(_section_at(cls, parent))))
+        messages.insert(0, f"unknown key{'s' if len(keys) > 1 else ''}{f' in {where}' if where else ''}: "
+                           f"{', '.join(sorted(keys))} (valid: {valid})")
+    return "; ".join(messages)
 
 
-def validate(obj: Any, prefix: str = "") -> None:
-    """Re-check every field of a dataclass instance (for objects built in code rather than from a dict)."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = _join(prefix, f.name)
-        if dataclasses.is_dataclass(value):
-            validate(value, key)
-        else:
-            _validate(f, value, key)
+def _message(error: Mapping[str, Any], key: str, of_section: bool) -> str:
+    kind, value = error["type"], error.get("input")
+    if kind == "value_error":  # a field's validator, or a check of a whole section (its own sentence)
+        cause = error.get("ctx", {}).get("error")
+        text = str(cause) if cause is not None else error["msg"].removeprefix("Value error, ")
+        return text if of_section else f"{key}: {value!r} {text}"
+    if kind in ("missing", "missing_argument"):
+        return f"{key}: required"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {error['ctx']['expected']}"
+    return f"{key}: {value!r} {error['msg'].removeprefix('Input ')}"
+
+
+def _key(prefix: str, loc: Iterable[Any]) -> str:
+    key = prefix
+    for part in loc:
+        key = f"{key}[{part}]" if isinstance(part, int) else (f"{key}.{part}" if key else str(part))
+    return key
+
+
+def _section_at(cls: type, loc: tuple) -> type | None:
+    """The section class at location ``loc`` below ``cls``; None where ``loc`` is a field of a section."""
+    for name in loc:
+        hints = typing.get_type_hints(cls, include_extras=False) if dataclasses.is_dataclass(cls) else {}
+        hint = hints.get(name)
+        cls = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _is_section(cls: type, loc: tuple) -> bool:
+    return _section_at(cls, loc) is not None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """The dataclass as plain data (lists, dicts, scalars) for YAML/JSON."""
+    """The section as plain data (lists, dicts, scalars) for YAML/JSON."""
     return _plain(dataclasses.asdict(obj))
 
 
@@ -165,10 +135,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
@@ -213,10 +179,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
-                base: Mapping[str, Any] | None = None) -> T:
-    """``cls`` from (defaults ``base``) <- YAML file ``path`` <- ``key=value`` overrides."""
+                base: Mapping[str, Any] | None = None, fixed: Mapping[str, Any] | None = None) -> T:
+    """``cls`` from (defaults ``base``) <- YAML file ``path`` <- ``key=value`` overrides <- ``fixed`` values (what
+    a caller sets whatever the user said, e.g. the protocol's proportion)."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = merge(data, load_yaml(path))
-    data = merge(data, parse_overrides(overrides))
+    data = merge(merge(data, parse_overrides(overrides)), fixed or {})
     return from_dict(cls, data)

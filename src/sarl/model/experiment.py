@@ -15,15 +15,16 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator, Field
 from torch.utils.data import DataLoader
 
 from . import engine
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ConfigError, field, in_unit_interval, non_negative, positive, to_dict
+from .config import ConfigError, section, to_dict
 from .data import (
     DATASET_KINDS,
     MultiLabelDataset,
@@ -54,53 +55,54 @@ from .vocabulary import Category, Vocabulary
 
 MASK_FILE = "partial_labels.npz"
 CONFIG_FILE = "config.yaml"
+LOSS_NAMES = tuple(LOSSES)
 
 
-@dataclasses.dataclass
+@section
 class DataConfig:
-    kind: str = field("synthetic", choices=DATASET_KINDS)
+    kind: Literal[DATASET_KINDS] = "synthetic"
     root: str | None = None  # data set folder (local path; the platform also accepts s3:// URIs)
     train_split: str = "train"
     test_split: str = "test"
     categories: list[str] | None = None  # column order; default: the data set's own list
     # Known-label proportion p of the MLR-PL protocol: each (image, class) entry kept with probability p.
-    known_proportion: float = field(0.3, check=in_unit_interval())
+    known_proportion: float = Field(0.3, gt=0, le=1)
     mask_seed: int = 0
     # Validation split carved from the (partially labelled) training set, used for model selection.
-    val_fraction: float = field(0.1, check=(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
+    val_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: int = 0
-    augment: str = field("standard", choices=("standard", "none"))
-    on_bad_image: str = field("error", choices=("error", "skip"))
-    num_workers: int = field(2, check=non_negative())
-    options: dict = field(default_factory=dict)  # kind-specific: num_images, seed, annotation_file, ...
+    augment: Literal["standard", "none"] = "standard"
+    on_bad_image: Literal["error", "skip"] = "error"
+    num_workers: int = Field(2, ge=0)
+    options: dict = Field(default_factory=dict)  # kind-specific: num_images, seed, annotation_file, ...
     # Words to look up in the word vectors for category names that are not words ({"tvmonitor": "tv monitor"});
     # added to the kind's own mapping (VOC ships one, ``data.VOC_WORDS``).
-    words: dict = field(default_factory=dict)
+    words: dict = Field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@section
 class LossConfig:
-    name: str = field("asl", choices=tuple(LOSSES))
-    params: dict = field(default_factory=dict)  # e.g. {gamma_neg: 2, gamma_pos: 1, margin: 0.05}
+    name: Literal[LOSS_NAMES] = "asl"
+    params: dict = Field(default_factory=dict)  # e.g. {gamma_neg: 2, gamma_pos: 1, margin: 0.05}
     completion: dict | None = None  # label completion: {warmup_epochs, t_pos, t_neg, weight}
     # Multiplies the whole loss (completion term included): DualCoOp's ``loss_w`` ("larger loss_w for smaller pp").
-    weight: float = field(1.0, check=positive())
+    weight: float = Field(1.0, gt=0)
 
 
-@dataclasses.dataclass
+@section
 class OptimConfig:
-    name: str = field("sgd", choices=("sgd", "adamw"))
-    lr: float = field(0.002, check=positive())
-    weight_decay: float = field(5e-4, check=non_negative())
-    momentum: float = field(0.9, check=non_negative())
-    scheduler: str = field("cosine", choices=("cosine", "constant"))
-    warmup_epochs: float = field(0.0, check=non_negative())
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
     # ``lr`` is the learning rate for a global batch of ``lr_batch_size`` images (default: train.batch_size, i.e.
     # one worker). Data-parallel training with N workers steps on N x train.batch_size images at once, so the
     # rate is scaled by ``lr_scaling``: linear (Goyal et al. 2017; with sum-reduced losses and DDP's gradient
     # mean this keeps the update per image of the single-worker recipe), sqrt, or none.
-    lr_batch_size: int | None = field(None, check=positive())
-    lr_scaling: str = field("linear", choices=("linear", "sqrt", "none"))
+    lr_batch_size: int | None = Field(None, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
 
     def effective_lr(self, batch_size: int, world_size: int = 1) -> float:
         """The rate used for a global batch of ``world_size * batch_size`` images."""
@@ -108,11 +110,11 @@ class OptimConfig:
         return self.lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[self.lr_scaling]
 
 
-@dataclasses.dataclass
+@section
 class TrainConfig:
-    epochs: int = field(50, check=positive())
-    batch_size: int = field(32, check=positive())
-    eval_batch_size: int = field(64, check=positive())
+    epochs: int = Field(50, gt=0)
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     seed: int = 0
     grad_clip: float | None = None
@@ -122,7 +124,7 @@ class TrainConfig:
     test_every_epoch: bool = False
 
 
-@dataclasses.dataclass
+@section
 class CacheConfig:
     """Feature cache for a frozen visual tower (``sarl.model.features``): encode every image once, then train
     the decoupling, prompts and head from the stored features, across epochs, runs and sweep trials."""
@@ -133,29 +135,32 @@ class CacheConfig:
     # Fixed augmented views: with data.augment=standard, K > 1 caches K seeded augmentations of each training
     # image and epoch e trains on view e % K. 1 = no augmentation (random crops cannot be cached). With
     # data.augment=none every view would be the same image, so one is cached whatever K says.
-    views: int = field(1, check=positive())
+    views: int = Field(1, gt=0)
     seed: int = 0  # seed of the augmented views
-    dtype: str = field("float16", choices=STORAGE_DTYPES)  # storage; float32 is exact, float16 half the size
+    dtype: Literal[STORAGE_DTYPES] = "float16"  # storage; float32 is exact, float16 half the size
 
 
-@dataclasses.dataclass
+def _cache_shorthand(value: Any) -> Any:
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+@section
 class ExperimentConfig:
     name: str = "sarl"
     # The architecture: {name: tiny|rn50|rn101|vitb16|..., any ModelConfig field: value}.
-    model: dict = field(default_factory=lambda: {"name": "tiny"})
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: dict = Field(default_factory=lambda: {"name": "tiny"})
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs"
     # ``cache: true`` is shorthand for ``cache: {enabled: true}`` (further cache keys need the mapping form).
-    cache: CacheConfig | bool = field(default_factory=CacheConfig)
+    cache: Annotated[CacheConfig, BeforeValidator(_cache_shorthand, json_schema_input_type=CacheConfig | bool)] = (
+        Field(default_factory=CacheConfig))
 
     def __post_init__(self) -> None:
         self.model = {"name": "tiny", **self.model}  # a model section without a name means the tiny default
         mcfg = self.model_config()  # unknown model names or fields fail now, not inside a worker
-        if isinstance(self.cache, bool):
-            self.cache = CacheConfig(enabled=self.cache)
         if self.cache.enabled and mcfg.unfreeze != "none":
             raise ConfigError(f"cache.enabled needs a frozen visual tower, but model.unfreeze is {mcfg.unfreeze!r}: "
                               "set model.unfreeze=none, or disable the cache")

@@ -5,9 +5,11 @@ Its own module so that the model (``sarl.py``), the checkpoints and the factory 
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Literal
 
-from .config import field, non_negative, positive
+from pydantic import Field
+
+from .config import section
 from .decoupling import INITS as DECOUPLING_INITS
 
 HEADS = ("sarl", "global", "dualcoop")
@@ -16,7 +18,7 @@ PROMPT_MODES = ("class_specific", "shared", "handcrafted")
 UNFREEZE = ("none", "last_block", "visual", "all")
 
 
-@dataclasses.dataclass
+@section
 class ModelConfig:
     """Everything that defines a SARL model's architecture; saved in every checkpoint.
 
@@ -34,34 +36,34 @@ class ModelConfig:
     quick_gelu: bool | None = None
     # Input resolution. The towers keep their native positional embeddings; they are interpolated at run time,
     # so 448 px works with weights trained at 224 px (the paper's RN101 setting).
-    image_size: int = field(224, check=positive())
+    image_size: int = Field(224, gt=0)
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    head: str = field("sarl", choices=HEADS)
+    head: Literal[HEADS] = "sarl"
     # Semantic decoupling (SARL.md step 3).
-    fusion: str = field("bilinear", choices=FUSIONS)
-    rank: int = field(512, check=positive())
-    temperature: float = field(1.0, check=positive())
+    fusion: Literal[FUSIONS] = "bilinear"
+    rank: int = Field(512, gt=0)
+    temperature: float = Field(1.0, gt=0)
     # Initialisation of U, V and p (decoupling.py): linear (nn.Linear's) or unit (unit-scale scores from step 0).
-    decoupling_init: str = field("linear", choices=DECOUPLING_INITS)
+    decoupling_init: Literal[DECOUPLING_INITS] = "linear"
     # Category-specific prompts (step 4).
-    prompt_mode: str = field("class_specific", choices=PROMPT_MODES)
-    n_ctx: int = field(16, check=positive())
+    prompt_mode: Literal[PROMPT_MODES] = "class_specific"
+    n_ctx: int = Field(16, gt=0)
     ctx_init: str | None = "a photo of a"  # null: N(0, 0.02) initialisation
     negative_prompts: bool = False
     # Weight alpha of the global term alpha * s * cos(g, t_c); 0 disables it (step 5 option).
-    global_weight: float = field(0.0, check=non_negative())
+    global_weight: float = Field(0.0, ge=0)
     # s of the score s * cos: fixed (CoOp keeps CLIP's scale frozen, DualCoOp fixes it) unless learn_scale, which
     # learns it in log space from this value; learnt by SGD with the rest it collapses (heads.py).
-    logit_scale: float = field(20.0, check=positive())
+    logit_scale: float = Field(20.0, gt=0)
     learn_scale: bool = False
     # Category semantics (step 2): word vectors ("word", needs word_vectors) or CLIP text embeddings ("clip").
-    semantic_source: str = field("word", choices=("word", "clip"))
+    semantic_source: Literal["word", "clip"] = "word"
     word_vectors: str | None = None
-    semantic_fallback: str = field("error", choices=("error", "clip"))
+    semantic_fallback: Literal["error", "clip"] = "error"
     # Remove the component all categories share (CLIP texts of "a photo of a ..." are highly similar, and so are
     # word vectors of one domain): the attention then keys on what tells categories apart.
     center_semantics: bool = True
     # Which encoder parameters train: none (paper default), the last visual block, the whole visual tower, all.
-    unfreeze: str = field("none", choices=UNFREEZE)
+    unfreeze: Literal[UNFREEZE] = "none"
     description: str = ""

@@ -114,9 +114,8 @@ def absolute_paths(job: JobConfig) -> JobConfig:
 
 def task_options(job: JobConfig) -> dict[str, Any]:
     """Ray resources of one evaluation task: those of one training worker of the job."""
-    s = job.scaling
-    return {"num_cpus": s.cpus_per_worker, "num_gpus": (s.gpus_per_worker or 1) if s.use_gpu else 0,
-            "resources": dict(s.resources_per_worker)}
+    resources = job.scaling.worker_resources()
+    return {"num_cpus": resources.pop("CPU"), "num_gpus": resources.pop("GPU", 0), "resources": resources}
 
 
 def connected_or_named(address: str | None) -> bool:

@@ -38,11 +38,48 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from ..model.config import section
 from . import node_cache, storage
+from .predict import ADDRESS_HELP
 
 DEFAULT_BAND = 0.15
 DEFAULT_MIN_POSITIVES = 5
+
+
+@section
+class CalibrateConfig:
+    """The options of ``sarl calibrate``: its flags, and the keys of its ``--config`` file (``jobs/calibrate.yaml``)."""
+
+    checkpoint: str = Field(description="checkpoint directory or s3:// URI")
+    vocab_store: str = Field(description="store to push the calibrated version to")
+    version: str | None = Field(None, description="the new version's name (default: <current>-calibrated)")
+    min_positives: int = Field(DEFAULT_MIN_POSITIVES, ge=0, description="known positives on val below which a "
+                                                                        "category keeps the global threshold")
+    no_current: bool = Field(False, description="push without moving the current pointer")
+    out_of_fold: bool = Field(False, description="keep a threshold only if one picked on half of val does not lose "
+                                                 "on the other half")
+    data: list[str] = Field(default_factory=list, description="job overrides for the data, e.g. "
+                                                              "data.root=/data/voc")
+    workers: int = Field(1, gt=0, description="score the splits as N Ray tasks (as sarl evaluate does)")
+    address: str | None = Field(None, description="Ray cluster to score on (default: $RAY_ADDRESS; with neither, "
+                                                  "--workers 1 scores in this process)")
+
+
+@section
+class CompleteConfig:
+    """The options of ``sarl complete``: its flags, and the keys of its ``--config`` file (``jobs/complete.yaml``)."""
+
+    checkpoint: str = Field(description="checkpoint directory, s3:// URI, or alias file")
+    manifest: str = Field(description=".jsonl/.csv manifest with 'unknown' lists")
+    output: str = Field(description="the completed manifest (.jsonl)")
+    vocab_store: str | None = Field(None, description="thresholds and names from this store's version")
+    vocab_version: str | None = Field(None, description="that version (default: current)")
+    band: float = Field(DEFAULT_BAND, ge=0, lt=0.5, description="unsure within threshold +- band: stays unknown")
+    suggest: int = Field(0, ge=0, description="write the N most uncertain entries")
+    predictions: str | None = Field(None, description="where the predictions go (default: <output>.predictions/)")
+    address: str | None = Field(None, description=ADDRESS_HELP)
 
 
 # ------------------------------------------------------------------------------------------------ thresholds

@@ -7,58 +7,81 @@ sections: ``scaling`` (workers and their resources) and ``run`` (storage, failur
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, Field
 
-from ..model.config import ConfigError, field, load_config, positive
+from ..model.config import ConfigError, load_config, section
 from ..model.data.build import check_options
 from ..model.experiment import ExperimentConfig
 
+ALIAS_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 
-@dataclasses.dataclass
+
+def _alias_name(alias: str) -> str:
+    if re.fullmatch(ALIAS_PATTERN, alias) is None:
+        raise ValueError("must be letters, digits, '-' or '_' (at most 64, not starting with '-' or '_')")
+    if alias == "best":
+        raise ValueError("is published after every run; name another alias")
+    return alias
+
+
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    if {"CPU", "GPU"} & set(resources):
+        raise ValueError("names CPU or GPU: set scaling.cpus_per_worker / scaling.gpus_per_worker instead")
+    return resources
+
+
+AliasName = Annotated[str, AfterValidator(_alias_name), Field(json_schema_extra={"pattern": f"^{ALIAS_PATTERN}$"})]
+
+
+@section
 class ScalingSection:
-    num_workers: int = field(2, check=positive())
+    num_workers: int = Field(2, gt=0)
     use_gpu: bool = False  # NCCL + bf16 autocast on GPU workers, gloo on CPU
-    cpus_per_worker: float = field(1.0, check=positive())
-    gpus_per_worker: float | None = None  # default 1 when use_gpu
-    resources_per_worker: dict = field(default_factory=dict)  # custom Ray resources, e.g. {accelerator_type:A100: 0.1}
-    torch_threads: int | None = None  # intra-op threads per CPU worker (default: cpus_per_worker)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | None = Field(None, gt=0)  # default 1 when use_gpu
+    # Custom Ray resources, e.g. {accelerator_type:A100: 0.1} (CPUs and GPUs are the fields above).
+    resources_per_worker: Annotated[dict[str, float], AfterValidator(_custom_resources)] = Field(default_factory=dict)
+    torch_threads: int | None = Field(None, gt=0)  # intra-op threads per CPU worker (default: cpus_per_worker)
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one training worker asks Ray for (an evaluation task of the job asks for the same)."""
+        gpus = {"GPU": self.gpus_per_worker or 1} if self.use_gpu else {}
+        return {"CPU": self.cpus_per_worker, **gpus, **self.resources_per_worker}
 
 
-@dataclasses.dataclass
+@section
 class RunSection:
     # Where Ray keeps the run (checkpoints, results): a local path or s3://bucket/prefix. The run lives in
     # <storage_path>/<name>; starting the same name again resumes from its latest checkpoint.
     storage_path: str = "runs/ray"
     name: str | None = None  # default: the job's name
-    max_failures: int = field(0, check=(lambda v: v >= -1, "must be >= -1 (-1: retry forever)"))
-    keep_checkpoints: int = field(2, check=positive())  # best-k by validation mAP
+    max_failures: int = Field(0, ge=-1, description="retries after a worker failure; -1: retry forever")
+    keep_checkpoints: int = Field(2, gt=0)  # best-k by validation mAP
     # Rehearse recovery: rank 0 raises once in this epoch (a marker file under the run makes it once only).
-    fail_once_at_epoch: int | None = field(None, check=positive())
+    fail_once_at_epoch: int | None = Field(None, gt=0)
     log_every_epoch: bool = True
     # A run name that already has a checkpoint: ``auto`` resumes it if its stored job.yaml is this job (fields that
     # may change on resume aside: RESUME_IGNORED in train.py) and refuses, naming the differences, if not;
     # ``always`` resumes whatever changed (a warning names it); ``never`` refuses to touch an existing run.
-    resume: str = field("auto", choices=("auto", "always", "never"))
+    resume: Literal["auto", "always", "never"] = "auto"
     # ``async``: rank 0 uploads each epoch's checkpoint in the background while the next epoch trains (Train V2's
     # CheckpointUploadMode.ASYNC); ``sync``: every rank waits in ray.train.report until the upload is done.
-    checkpoint_upload: str = field("async", choices=("async", "sync"))
+    checkpoint_upload: Literal["async", "sync"] = "async"
     # After the run, its best checkpoint is published as alias ``best`` (<storage_path>/<name>/aliases/best.json,
     # what a Serve config points at) and under this name too when set (e.g. ``candidate``; see platform/aliases.py).
-    alias: str | None = field(None, check=(lambda v: v is None or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", v)
-                                                                   is not None and v != "best"),
-                                           "must be letters, digits, '-' or '_' (and not 'best', always published)"))
+    alias: AliasName | None = None
 
 
-@dataclasses.dataclass
+@section
 class JobConfig(ExperimentConfig):
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    run: RunSection = field(default_factory=RunSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
     address: str | None = None  # Ray cluster address; default $RAY_ADDRESS, else a local cluster
 
     @property
@@ -66,14 +89,14 @@ class JobConfig(ExperimentConfig):
         return self.run.name or self.name
 
 
-def load_job(path: str | Path | None, overrides: Iterable[str] = (),
-             base: Mapping[str, Any] | None = None) -> JobConfig:
-    """A validated ``JobConfig``: defaults <- ``base`` <- YAML file ``path`` <- ``key=value`` overrides."""
+def load_job(path: str | Path | None, overrides: Iterable[str] = (), base: Mapping[str, Any] | None = None,
+             fixed: Mapping[str, Any] | None = None) -> JobConfig:
+    """A validated ``JobConfig``: defaults <- ``base`` <- YAML file ``path`` <- ``key=value`` overrides <- ``fixed``."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"job file {path} does not exist")
     if path is not None:
         check_not_empty(path, "job file")
-    return check_job(load_config(JobConfig, path, overrides, base=base))
+    return check_job(load_config(JobConfig, path, overrides, base=base, fixed=fixed))
 
 
 def check_not_empty(path: str | Path, what: str) -> None:

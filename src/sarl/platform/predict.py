@@ -32,12 +32,13 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
+from ..model.config import section
 from . import storage
 
 log = logging.getLogger("sarl.predict")
@@ -46,6 +47,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 FORMATS = ("parquet", "jsonl")
 PART, ERRORS, SUMMARY = "part-{:05d}.{}", "errors-{:05d}.jsonl", "summary.json"
 RUN = "run.json"  # the model and vocabulary version of the rows, written first: a resumed run must match it
+ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
 THRESHOLDS = "thresholds.json"  # {category: threshold} of the version scored under (what `sarl complete` reads)
 
 
@@ -53,23 +55,27 @@ class PredictError(ValueError):
     """A user error of ``sarl predict``: bad input, mixed output formats."""
 
 
-@dataclass
+@section
 class PredictConfig:
-    checkpoint: str
-    input: str
-    output: str
-    vocab_store: str | None = None
-    vocab_version: str | None = None  # None: the store's current version
-    format: str = "parquet"
-    batch_size: int = 32  # images per forward in a scoring actor
-    actors: int = 1
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float | None = None  # None: 1 on CPU actors, 0 beside a GPU (decoding needs the CPUs)
-    decode_cpus: float = 1.0  # per decode task
-    shard_size: int = 1000  # rows per output file
-    max_image_pixels: int = 40_000_000
-    overwrite: bool = False
-    address: str | None = None
+    """The options of ``sarl predict``: its flags, and the keys of its ``--config`` file (``jobs/predict.yaml``)."""
+
+    checkpoint: str = Field(description="checkpoint directory, s3:// URI, or alias file")
+    input: str = Field(description="image folder, s3:// prefix, or a .jsonl/.csv manifest")
+    output: str = Field(description="output folder or s3:// prefix (shards, errors, summary.json)")
+    vocab_store: str | None = Field(None, description="score under a vocabulary store's version (default: the "
+                                                      "checkpoint's)")
+    vocab_version: str | None = Field(None, description="that version (default: the store's current one)")
+    format: Literal[FORMATS] = Field("parquet", description="file format of the output shards")
+    batch_size: int = Field(32, gt=0, description="images per forward in a scoring actor")
+    actors: int = Field(1, gt=0, description="scoring actors, each with the model loaded once")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    cpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on CPU actors, 0 beside a GPU "
+                                                                 "(decoding needs the CPUs)")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    shard_size: int = Field(1000, gt=0, description="rows per output file")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="refuse larger images before decoding them")
+    overwrite: bool = Field(False, description="delete earlier output first")
+    address: str | None = Field(None, description=ADDRESS_HELP)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -243,8 +249,6 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     from .aliases import identify
     from .cluster import init_ray
 
-    if config.format not in FORMATS:
-        raise PredictError(f"--format must be one of {', '.join(FORMATS)}")
     paths = list_inputs(config.input)
     if config.overwrite:
         _clear(config.output)

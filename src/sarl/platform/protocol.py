@@ -69,9 +69,9 @@ def run_protocol(config: str | None, methods: list[str], proportions: list[float
     for name, method_overrides in parsed:  # validate everything before the first run starts
         for p in proportions:
             for seed in seeds:
-                job = load_job(config, [*overrides, *method_overrides, f"data.known_proportion={p}",
-                                        f"train.seed={seed}", f"data.mask_seed={seed}", "train.test_every_epoch=true"],
-                               base)
+                job = load_job(config, [*overrides, *method_overrides], base,
+                               fixed={"data": {"known_proportion": p, "mask_seed": seed},
+                                      "train": {"seed": seed, "test_every_epoch": True}})
                 job.run.name = f"{job.run_name}-{name}-p{int(round(p * 100)):02d}-s{seed}"
                 jobs[name, p, seed] = job
     done = {(r["method"], r["proportion"], r["seed"]): r for r in read_runs(output_dir)}

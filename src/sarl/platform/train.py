@@ -206,10 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------- driver
 def scaling_config(job: JobConfig) -> ray.train.ScalingConfig:
     s = job.scaling
-    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker or 1
-    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                   resources_per_worker=s.worker_resources())
 
 
 def run_config(job: JobConfig, callbacks: list[Any] | None = None) -> ray.train.RunConfig:

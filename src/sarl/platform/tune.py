@@ -24,16 +24,16 @@ are kept, unfinished ones continue from their last checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field
 
-from ..model.config import ConfigError, field, from_dict, load_yaml, merge, positive, to_dict
+from ..model.config import ConfigError, from_dict, load_yaml, merge, section, to_dict
 from . import storage
 from .job import JobConfig, check_job, check_not_empty
 
@@ -46,20 +46,20 @@ DRIVER_FIELDS = ("driver_cpus", "driver_resources")  # ResourcesSection fields t
 CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
 
 
-@dataclasses.dataclass
+@section
 class SchedulerSection:
-    name: str = field("asha", choices=("asha", "none"))
-    grace_period: int = field(1, check=positive())  # epochs every trial runs before it can be stopped
-    reduction_factor: float = field(2.0, check=(lambda v: v > 1, "must be > 1"))
+    name: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, gt=0)  # epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
 
 
-@dataclasses.dataclass
+@section
 class SearchSection:
-    name: str = field("random", choices=("random", "optuna"))  # optuna: pip install optuna
+    name: Literal["random", "optuna"] = "random"  # optuna: pip install optuna
     seed: int | None = 0
 
 
-@dataclasses.dataclass
+@section
 class ResourcesSection:
     """Per trial: the TorchTrainer's workers (``scaling`` of the trial's job) and the trial's driver.
 
@@ -71,12 +71,12 @@ class ResourcesSection:
     ``cpus_per_worker``.
     """
 
-    num_workers: int = field(1, check=positive())
-    cpus_per_worker: float = field(1.0, check=positive())
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     gpus_per_worker: float | None = None
-    driver_cpus: float = field(TRIAL_DRIVER_CPUS, check=(lambda v: v >= 0, "must be >= 0"))
-    driver_resources: dict = field(default_factory=dict)  # custom Ray resources of the driver, e.g. {sarl_driver: 0.01}
+    driver_cpus: float = Field(TRIAL_DRIVER_CPUS, ge=0)
+    driver_resources: dict = Field(default_factory=dict)  # custom Ray resources of the driver, e.g. {sarl_driver: 0.01}
 
     def __post_init__(self) -> None:
         if self.driver_cpus >= self.cpus_per_worker:
@@ -97,19 +97,19 @@ class ResourcesSection:
         return {"cpu": self.driver_cpus, **self.driver_resources}
 
 
-@dataclasses.dataclass
+@section
 class SweepConfig:
     name: str = "sweep"
     job: str | None = None  # base job YAML; relative paths are relative to the sweep file
-    overrides: dict = field(default_factory=dict)  # job fields every trial shares
-    space: dict = field(default_factory=dict)  # dotted job key -> {sampler: args, when: {key: value(s)}}
+    overrides: dict = Field(default_factory=dict)  # job fields every trial shares
+    space: dict = Field(default_factory=dict)  # dotted job key -> {sampler: args, when: {key: value(s)}}
     metric: str = "val_mAP"
-    mode: str = field("max", choices=("max", "min"))
-    num_samples: int = field(8, check=positive())
-    max_concurrent_trials: int = field(2, check=positive())
-    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
-    search: SearchSection = field(default_factory=SearchSection)
-    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, gt=0)
+    max_concurrent_trials: int = Field(2, gt=0)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    search: SearchSection = Field(default_factory=SearchSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
     storage_path: str = "runs/tune"  # local path or s3://bucket/prefix; the sweep lives in <storage_path>/<name>
     output_dir: str | None = None  # tables, best job and plot; default <storage_path>/<name>/results (local)
 

@@ -22,13 +22,13 @@ def test_yaml_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override,named", [
-    (["data.known_proportion=1.5"], "data.known_proportion: 1.5 must be in (0, 1]"),
+    (["data.known_proportion=1.5"], "data.known_proportion: 1.5 should be less than or equal to 1"),
     (["data.known_proportion=0"], "data.known_proportion"),
     (["loss.name=focal"], "loss.name: 'focal' is not one of"),
     (["data.kind=imagenet"], "data.kind"),
     (["trian.epochs=3"], "unknown key: trian"),
     (["train.epoch=3"], "unknown key in train: train.epoch"),
-    (["train.epochs=three"], "train.epochs: expected an integer"),
+    (["train.epochs=three"], "train.epochs: 'three' should be a valid integer"),
     (["model.name=rn999"], "unknown model 'rn999'"),
     (["model.ranq=3"], "ranq"),
     (["loss.params={gama: 1}"], "gama"),

@@ -545,7 +545,7 @@ def test_default_weight_leaves_the_loss_as_it_was():
 def test_weight_must_be_positive(weight):
     with pytest.raises(ValueError, match="weight must be > 0"):
         build_loss("asl", weight=weight)
-    with pytest.raises(ConfigError, match=r"^loss\.weight: .* must be > 0"):
+    with pytest.raises(ConfigError, match=r"^loss\.weight: .* should be greater than 0"):
         load_config(ExperimentConfig, None, [f"loss.weight={weight}"])
 
 

@@ -109,7 +109,7 @@ def test_serve_ctrl_c_deletes_only_its_own_application(monkeypatch: pytest.Monke
     monkeypatch.setattr(serve_module, "deploy", lambda args, config=None: "http://127.0.0.1:8000")
     monkeypatch.setattr(serve_module, "serve", FakeServe())
     monkeypatch.setattr(serve_module.time, "sleep", interrupted)
-    config = serve_module.ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {}, name="sarl-team-a")
+    config = serve_module.ServeConfig(name="sarl-team-a")
     serve_module.serve_forever({"checkpoint": "x"}, config, address="ray://shared:10001")
     assert calls == [("delete", "sarl-team-a")]
     calls.clear()

@@ -56,11 +56,13 @@ def test_trial_job_applies_only_active_conditional_parameters():
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_command_config_files_name_only_known_options_and_every_required_one(name):
-    from sarl.cli import _with_config, build_parser
+    from sarl.cli import build_parser
+    from sarl.cli.options import load_command
+    from sarl.platform.complete import CalibrateConfig, CompleteConfig
+    from sarl.platform.predict import PredictConfig
 
     path = next(p for p in FILES if p.name == name)
     args = build_parser().parse_args([COMMANDS[name], "--config", str(path)])
-    assert _with_config(args, {}, ()) is not None  # no unknown key
-    required = {"predict": ("checkpoint", "input", "output"), "calibrate": ("checkpoint", "vocab_store"),
-                "complete": ("checkpoint", "manifest", "output")}[COMMANDS[name]]
-    assert all(getattr(args, key) for key in required)
+    section = {"predict": PredictConfig, "calibrate": CalibrateConfig, "complete": CompleteConfig}[COMMANDS[name]]
+    config = load_command(section, args)  # unknown keys, bad values and missing required options all raise
+    assert config.checkpoint == "runs/demo/serve/checkpoint"

@@ -46,8 +46,6 @@ from .vocabulary import VocabularyLimits, VocabularyWatcher
 logger = logging.getLogger("ray.serve")
 
 APP_NAME = "sarl"
-DEFAULT_USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "poll_interval_s": 2.0,
-                       "max_retry_interval_s": 60.0, "vocabulary_version": None}
 REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large",
            415: "unsupported_media_type", 422: "invalid_request", 500: "internal", 503: "unavailable"}
 PROBE_TIMEOUT_S = 30.0  # a health probe forward slower than this marks the replica unhealthy
@@ -76,11 +74,15 @@ class UserConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(DEFAULT_USER_CONFIG["max_batch_size"], ge=1)
-    batch_wait_timeout_s: float = Field(DEFAULT_USER_CONFIG["batch_wait_timeout_s"], ge=0)
-    poll_interval_s: float = Field(DEFAULT_USER_CONFIG["poll_interval_s"], gt=0)
-    max_retry_interval_s: float = Field(DEFAULT_USER_CONFIG["max_retry_interval_s"], gt=0)  # store-outage backoff cap
-    vocabulary_version: str | None = None  # pin a version; None follows the store's current pointer
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    poll_interval_s: float = Field(2.0, gt=0, description="how often a replica checks the vocabulary store")
+    max_retry_interval_s: float = Field(60.0, gt=0, description="store-outage backoff cap")
+    vocabulary_version: str | None = Field(None, description="pin a version; None follows the store's current "
+                                                             "pointer")
+
+
+DEFAULT_USER_CONFIG = UserConfig().model_dump()
 
 
 app = FastAPI(title="SARL multi-label prediction", version="1")
@@ -240,7 +242,7 @@ class Predictor:
     # ------------------------------------------------------------------------------------ live settings
     def reconfigure(self, user_config: dict) -> None:
         previous = self.config.vocabulary_version
-        self.config = UserConfig.model_validate({**DEFAULT_USER_CONFIG, **(user_config or {})})
+        self.config = UserConfig.model_validate(user_config or {})
         self._score_batch.set_max_batch_size(self.config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         # A newly pinned (or unpinned) version takes effect now, not after the next poll; never raises.
@@ -364,9 +366,9 @@ def _resolve(args: ServeArgs | dict) -> ServeArgs:
 class ServeConfig:
     """The parts of a Serve config file (``serve_configs/*.yaml``) that describe the ``sarl`` application."""
 
-    http_options: dict
-    args: dict
-    deployment: dict  # options of the Predictor deployment, as ``Deployment.options`` takes them
+    http_options: dict = field(default_factory=lambda: {"host": "127.0.0.1", "port": 8000})
+    args: dict = field(default_factory=dict)
+    deployment: dict = field(default_factory=dict)  # options of the Predictor deployment, as Deployment.options takes
     name: str = APP_NAME
     route_prefix: str = "/"
     proxy_location: str | None = None  # HeadOnly, EveryNode or Disabled; None: Serve's default (EveryNode)
@@ -402,7 +404,7 @@ def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
     Running it again replaces the replicas (``serve.run`` gives the deployment a new version); to change only
     ``user_config`` without restarting them, redeploy the config file with ``serve deploy``.
     """
-    config = config or ServeConfig({"host": "127.0.0.1", "port": 8000}, {}, {})
+    config = config or ServeConfig()
     serve.start(http_options=config.http_options,
                 **({"proxy_location": config.proxy_location} if config.proxy_location else {}))
     serve.run(Predictor.options(**config.deployment).bind(_resolve(args)), name=config.name,
