@@ -43,18 +43,23 @@ class ServeMetrics:
                                         tag_keys=("version", "model_id"))
         self.reloads = metrics.Counter("sarl_vocabulary_reloads", "Vocabulary reload attempts by outcome",
                                        tag_keys=("outcome",))
-        model = metrics.Gauge("sarl_model_info", "1 for the model a replica serves", tag_keys=("model_id", "digest"))
-        model.set(1, tags={"model_id": model_id, "digest": digest})
+        self.model = metrics.Gauge("sarl_model_info", "1 for the model a replica serves",
+                                   tag_keys=("model_id", "digest"))
+        self._model_tags = {"model_id": model_id, "digest": digest}
+        self.model.set(1, tags=self._model_tags)
         self._served_version: str | None = None
 
     def request(self, status: int, reason: str) -> None:
         self.requests.inc(tags={"status": str(status), "reason": reason})
 
     def served(self, version: str) -> None:
-        """The replica now serves ``version``: its gauge is 1, the previous one's 0."""
+        """The replica now serves ``version``: its gauge is 1, the previous one's 0. Called on every poll of the
+        store: a gauge set once is no longer exported after a few minutes (seen on Ray 2.60 with a replica up 10
+        minutes), so both info gauges are set again each time."""
         if self._served_version is not None and self._served_version != version:
             self.vocabulary.set(0, tags={"version": self._served_version, "model_id": self.model_id})
         self.vocabulary.set(1, tags={"version": version, "model_id": self.model_id})
+        self.model.set(1, tags=self._model_tags)
         self._served_version = version
 
     def reload(self, outcome: str) -> None:
