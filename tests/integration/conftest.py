@@ -156,6 +156,49 @@ _two_node_running = False
 _local_cluster_started = False
 
 
+# --- Serve ----------------------------------------------------------------------------------------------------
+# One app on a local store and one on an S3 store for the session (2 replicas each: the tests check that every
+# replica serves a push, answers after a bad request, ...). Tests that change what they serve redeploy an app of
+# their own (a canary, a rollout); tests that change the store's current version put it back.
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory) -> Path:
+    """The tiny model with random weights (seed 0) on the cards vocabulary ('K' an alias of king), epoch 7."""
+    import torch
+
+    from sarl.model import Category, Vocabulary, create_model
+    from sarl.model.checkpoint import save_checkpoint
+
+    from serving import CARDS
+
+    torch.manual_seed(0)
+    vocabulary = Vocabulary([Category(n, aliases=["K"] if n == "king" else []) for n in CARDS], version="trained")
+    return save_checkpoint(create_model("tiny", vocabulary), tmp_path_factory.mktemp("serve") / "checkpoint",
+                           extra={"epoch": 7})
+
+
+@pytest.fixture(scope="session")
+def local_app(ray_cluster, serve_checkpoint, tmp_path_factory):
+    from ray import serve
+
+    from serving import start_app
+
+    yield start_app("local", serve_checkpoint, str(tmp_path_factory.mktemp("store")))
+    serve.delete("local")
+
+
+@pytest.fixture(scope="session")
+def s3_app(ray_cluster, serve_checkpoint, s3_server):
+    from ray import serve
+
+    from serving import start_app
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="sarl-serve-test")
+    yield start_app("s3", serve_checkpoint, "s3://sarl-serve-test/vocab")
+    serve.delete("s3")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config, items):
     """Tests on the two-node cluster get the ``two_node`` mark and run last (stable order otherwise)."""

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
-from sarl.model import Category, Vocabulary, create_model
-from sarl.model.checkpoint import checkpoint_digest, save_checkpoint
+from sarl.model.checkpoint import checkpoint_digest
 from sarl.platform import storage
 from sarl.platform.serve import deploy, read_serve_config
 from sarl.platform.vocab_store import VocabStore
@@ -40,38 +38,11 @@ from serving import (
     post_image,
     replica_logs,
     second_vocabulary,
-    start_app,
     vocabulary_of_each_replica,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    vocabulary = Vocabulary([Category(n, aliases=["K"] if n == "king" else []) for n in CARDS], version="trained")
-    model = create_model("tiny", vocabulary)
-    return save_checkpoint(model, tmp_path_factory.mktemp("serve") / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def local_app(ray_cluster, checkpoint, tmp_path_factory):
-    from ray import serve
-
-    yield start_app("local", checkpoint, str(tmp_path_factory.mktemp("store")))
-    serve.delete("local")
-
-
-@pytest.fixture(scope="module")
-def s3_app(ray_cluster, checkpoint, s3_server):
-    import boto3
-    from ray import serve
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="sarl-serve-test")
-    yield start_app("s3", checkpoint, "s3://sarl-serve-test/vocab")
-    serve.delete("s3")
 
 
 # ------------------------------------------------------------------------------------------------- predictions
@@ -82,7 +53,7 @@ def test_generated_image_scores_match_the_checkpoint(local_app):
     body = response.json()
     assert body["vocabulary_version"] == "1"
     # the model that answered: its checkpoint's digest (of the files), and the id it is known by
-    assert body["model"] == {"id": "checkpoint", "digest": checkpoint_digest(local_app.checkpoint)}
+    assert body["model"] == {"id": "checkpoint:epoch-7", "digest": checkpoint_digest(local_app.checkpoint)}
     assert body["request_id"] == response.headers["x-request-id"] == "client-chosen-id-1"
     expected = expected_scores(local_app.checkpoint, data)
     assert set(body["scores"]) == set(CARDS)
@@ -158,11 +129,12 @@ def test_bad_requests_get_their_status_and_the_replica_keeps_serving(local_app, 
 # ------------------------------------------------------------------------------------------------- hot reload
 def check_push_served_by_every_replica(app: App) -> None:
     with Client(app.url) as client:
-        time.sleep(1.5)  # traffic on the old version first
+        wait_for(lambda: len(client.records) >= 12, 15)  # traffic on the old version first
         app.store.push(second_vocabulary())
         pushed = time.monotonic()
         wait_for(lambda: len(client.first_time_each_replica_served("2")) == 2, POLL_S + 10)
-        time.sleep(1.0)  # and on the new one afterwards
+        after = len(client.records)
+        wait_for(lambda: len(client.records) >= after + 12, 15)  # and on the new one afterwards
     records = client.records
     assert len(records) > 20
     failed = [r for r in records if r[2] != 200]
@@ -198,8 +170,13 @@ def test_invalid_vocabulary_in_the_store_keeps_the_old_one_serving(local_app):
     storage.write_text(storage.join(store.uri, "versions", "broken.json"), json.dumps(bad))
     storage.write_text(storage.join(store.uri, "CURRENT.json"), json.dumps({"version": "broken"}))
     try:
-        time.sleep(POLL_S + 1.5)
-        replicas = vocabulary_of_each_replica(local_app.url)
+        replicas = {}
+
+        def every_replica_tried_it() -> bool:  # each watcher polls the store every POLL_S and records the failure
+            replicas.update(vocabulary_of_each_replica(local_app.url))
+            return all((b.get("last_error") or {}).get("version") == "broken" for b in replicas.values())
+
+        wait_for(every_replica_tried_it, 20)
         for body in replicas.values():
             assert body["version"] == serving
             assert body["last_error"]["version"] == "broken" and body["last_error"]["kind"] == "invalid_version"
@@ -211,7 +188,7 @@ def test_invalid_vocabulary_in_the_store_keeps_the_old_one_serving(local_app):
 
 
 # ------------------------------------------------------------------------------------------------- config file
-def test_local_serve_config_autoscaling_is_what_serve_reports(ray_cluster, checkpoint, tmp_path):
+def test_local_serve_config_autoscaling_is_what_serve_reports(ray_cluster, serve_checkpoint, tmp_path):
     from ray import serve
 
     config = read_serve_config(REPO / "serve_configs" / "local.yaml")
@@ -220,7 +197,7 @@ def test_local_serve_config_autoscaling_is_what_serve_reports(ray_cluster, check
     config.name, config.route_prefix = "from-config", "/from-config"
     config.http_options["port"] = PORT  # the session's proxy (the file says 8000, which may be taken here)
     try:
-        deploy({**config.args, "checkpoint": str(checkpoint), "vocab_store": store.uri}, config)
+        deploy({**config.args, "checkpoint": str(serve_checkpoint), "vocab_store": store.uri}, config)
         # Serve's REST API, as `serve status` reads it; the cluster's auth token as `ray get-auth-token` prints it.
         token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], capture_output=True,
                                text=True, check=True).stdout.strip()

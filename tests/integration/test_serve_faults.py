@@ -57,11 +57,11 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def fleet(ray_cluster, checkpoints, tmp_path_factory):
-    from ray import serve
-
-    yield start_app("fleet", checkpoints[0], str(tmp_path_factory.mktemp("fleet-store")))
-    serve.delete("fleet")
+def fleet(local_app):
+    """The session's 2-replica app on a local store (conftest), serving version 1 again (test_serve moves it)."""
+    local_app.store.set_current("1")
+    wait_for(lambda: {b["version"] for b in vocabulary_of_each_replica(local_app.url).values()} == {"1"}, 30)
+    return local_app
 
 
 def served_scores(app, data: bytes, content_type: str = "image/png") -> dict:
@@ -188,14 +188,14 @@ def test_application_metrics_are_exported_by_ray_after_real_requests(fleet):
 
     def exported() -> bool:
         families = scrape()
-        requests_ = [s for s in families.get("sarl_requests", []) if s.labels.get("application") == "fleet"]
-        histograms = [s for s in families.get("sarl_batch_size", []) if s.labels.get("application") == "fleet"]
+        requests_ = [s for s in families.get("sarl_requests", []) if s.labels.get("application") == fleet.name]
+        histograms = [s for s in families.get("sarl_batch_size", []) if s.labels.get("application") == fleet.name]
         return histograms and {("200", "ok"), ("400", "bad_request"), ("413", "too_large")} <= {
             (s.labels["status"], s.labels["reason"]) for s in requests_}
 
     wait_for(exported, 60)  # Ray reports application metrics every few seconds
     families = scrape()
-    fleet_only = {name: [s for s in samples if s.labels.get("application") == "fleet"]
+    fleet_only = {name: [s for s in samples if s.labels.get("application") == fleet.name]
                   for name, samples in families.items()}
     ok = sum(s.value for s in fleet_only["sarl_requests"] if s.name.endswith("_total") and s.labels["status"] == "200")
     assert ok >= 6
@@ -203,7 +203,8 @@ def test_application_metrics_are_exported_by_ray_after_real_requests(fleet):
         counts = [s.value for s in fleet_only[histogram] if s.name.endswith("_count")]
         assert counts and sum(counts) >= 1, histogram
     served = [s for s in fleet_only["sarl_vocabulary_info"] if s.value == 1]
-    assert {s.labels["version"] for s in served} == {"1"} and {s.labels["model_id"] for s in served} == {"a:epoch-1"}
+    assert {s.labels["version"] for s in served} == {"1"}
+    assert {s.labels["model_id"] for s in served} == {"checkpoint:epoch-7"}
     models = fleet_only["sarl_model_info"]
     assert {s.labels["digest"] for s in models} == {checkpoint_digest(fleet.checkpoint)}
     reloads = [s for s in fleet_only["sarl_vocabulary_reloads"] if s.name.endswith("_total")]
@@ -211,23 +212,23 @@ def test_application_metrics_are_exported_by_ray_after_real_requests(fleet):
 
 
 # ------------------------------------------------------------------------------------------- staged vocabulary
-def test_a_staged_version_is_served_by_a_canary_and_reaches_the_fleet_only_when_released(fleet, checkpoints):
+def test_a_staged_version_is_served_by_a_canary_and_reaches_the_fleet_only_when_released(fleet):
     from ray import serve
 
     staged = Vocabulary([Category(n, threshold=0.3) for n in CARDS], version="staged")
     fleet.store.push(staged, make_current=False)  # sarl vocab push --no-current
-    broken = Vocabulary([*(Category(n) for n in CARDS), Category("joker", vector=[1.0, 2.0])], version="broken")
+    broken = Vocabulary([*(Category(n) for n in CARDS), Category("joker", vector=[1.0, 2.0])], version="unbuildable")
     fleet.store.push(broken, make_current=False)
     try:
         # A version that fails to build stays on the canary: it serves what it had (the store's current version,
         # loaded before the pin from user_config applied) and says why; the fleet never loads it.
-        canary = start_app("canary", checkpoints[0], fleet.store.uri, replicas=1, push=False,
-                           vocabulary_version="broken")
+        canary = start_app("canary", fleet.checkpoint, fleet.store.uri, replicas=1, push=False,
+                           vocabulary_version="unbuildable")
         state = requests.get(f"{canary.url}/v1/vocabulary", timeout=5).json()
-        assert state["last_error"]["kind"] == "build_failed" and state["last_error"]["version"] == "broken"
+        assert state["last_error"]["kind"] == "build_failed" and state["last_error"]["version"] == "unbuildable"
         assert post_image(canary.url, png()).json()["vocabulary_version"] == "1"
         # The staged version on the canary (serve.run replaces its replica, pinned to it) while the fleet stays.
-        deploy_app("canary", checkpoints[0], fleet.store.uri, replicas=1, vocabulary_version="staged")
+        deploy_app("canary", fleet.checkpoint, fleet.store.uri, replicas=1, vocabulary_version="staged")
         wait_for(lambda: post_image(canary.url, png()).json()["vocabulary_version"] == "staged", 30)
         time.sleep(POLL_S * 3)
         assert {b["version"] for b in vocabulary_of_each_replica(fleet.url).values()} == {"1"}  # fleet untouched
@@ -333,35 +334,30 @@ def replica_pids(app_name: str) -> dict[str, int]:
     return {a.actor_id: a.pid for a in actors if a.class_name == f"ServeReplica:{app_name}:Predictor"}
 
 
-def test_a_replica_killed_under_load_fails_fast_is_replaced_and_the_endpoint_recovers(
-        ray_cluster, checkpoints, tmp_path):
-    from ray import serve
-
-    app = start_app("kill", checkpoints[0], str(tmp_path / "store"))
-    try:
-        before = replica_pids("kill")
-        assert len(before) == 2
-        with Client(app.url, threads=4, timeout=REQUEST_TIMEOUT_S + 20) as client:
-            time.sleep(2.0)
-            pid = next(iter(before.values()))
-            os.kill(pid, signal.SIGKILL)
-            killed = time.monotonic()
-            # replaced: two live replicas again, the killed process not among them (a new actor, or a restart)
-            wait_for(lambda: len(replica_pids("kill")) == 2 and pid not in replica_pids("kill").values(), 90)
-            replaced = time.monotonic()
-            wait_for(lambda: len({r.replica for r in client.snapshot() if r.sent > replaced and r.status == 200})
-                     == 2, 60)
-            time.sleep(2.0)
-        records = client.snapshot()
-        slowest = max(r.received - r.sent for r in records)
-        assert slowest <= REQUEST_TIMEOUT_S + 2, slowest  # nothing hangs past the proxy's request timeout
-        failed = [r for r in records if r.status != 200]
-        assert all(r.received - r.sent <= REQUEST_TIMEOUT_S + 1 for r in failed)
-        assert all(r.sent >= killed - 1 for r in failed), failed[:3]  # only around the kill
-        recovered = [r for r in records if r.sent > replaced + 1]
-        assert recovered and all(r.status == 200 for r in recovered)
-        print(f"replica kill: {len(failed)} of {len(records)} requests failed "
-              f"({sorted({str(r.status) for r in failed})}), slowest {slowest:.2f} s, replaced in "
-              f"{replaced - killed:.1f} s")
-    finally:
-        serve.delete("kill")
+def test_a_replica_killed_under_load_fails_fast_is_replaced_and_the_endpoint_recovers(fleet):
+    """On the session's app (the last test here to use it; it is whole again when this ends)."""
+    app = fleet
+    before = replica_pids(app.name)
+    assert len(before) == 2
+    with Client(app.url, threads=4, timeout=REQUEST_TIMEOUT_S + 20) as client:
+        time.sleep(2.0)
+        pid = next(iter(before.values()))
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # replaced: two live replicas again, the killed process not among them (a new actor, or a restart)
+        wait_for(lambda: len(replica_pids(app.name)) == 2 and pid not in replica_pids(app.name).values(), 90)
+        replaced = time.monotonic()
+        wait_for(lambda: len({r.replica for r in client.snapshot() if r.sent > replaced and r.status == 200})
+                 == 2, 60)
+        time.sleep(2.0)
+    records = client.snapshot()
+    slowest = max(r.received - r.sent for r in records)
+    assert slowest <= REQUEST_TIMEOUT_S + 2, slowest  # nothing hangs past the proxy's request timeout
+    failed = [r for r in records if r.status != 200]
+    assert all(r.received - r.sent <= REQUEST_TIMEOUT_S + 1 for r in failed)
+    assert all(r.sent >= killed - 1 for r in failed), failed[:3]  # only around the kill
+    recovered = [r for r in records if r.sent > replaced + 1]
+    assert recovered and all(r.status == 200 for r in recovered)
+    print(f"replica kill: {len(failed)} of {len(records)} requests failed "
+          f"({sorted({str(r.status) for r in failed})}), slowest {slowest:.2f} s, replaced in "
+          f"{replaced - killed:.1f} s")

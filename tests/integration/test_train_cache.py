@@ -1,4 +1,5 @@
-"""``sarl train`` from the feature cache on a real local Ray cluster: a local root, and a root in moto's S3."""
+"""``sarl train`` from the feature cache on a real local Ray cluster, its root in moto's S3 (a local root is the
+same code without the upload: tests/unit/model/test_experiment.py and test_features.py train from one)."""
 
 import shutil
 
@@ -25,31 +26,23 @@ def cache_counts(result):
     return row["cache_hits"], row["cache_misses"]
 
 
-def test_train_from_a_local_feature_cache_hits_on_the_second_run(ray_cluster, tmp_path):
-    """Two workers: they compute the entry together (a block of images each) and both hit the second time."""
-    root = tmp_path / "features"
-    first = run_training(job(tmp_path, "first", root, "scaling.num_workers=2"))
-    assert cache_counts(first) == (0, 1)  # one entry: the training split, shared by train and validation
-    assert first["metrics"]["cache_misses"] == 1  # in the metrics Tune and `sarl train` see
-    assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 1
-    second = run_training(job(tmp_path, "second", root, "scaling.num_workers=2"))
-    assert cache_counts(second) == (1, 0)
-    assert second["metrics"]["val_mAP"] == pytest.approx(first["metrics"]["val_mAP"], abs=1e-4)
-
-
-def test_train_from_a_feature_cache_in_s3_hits_on_the_second_run(ray_cluster, s3_bucket, tmp_path):
+def test_two_workers_share_a_feature_cache_in_s3_and_a_fresh_machine_hits_it(ray_cluster, s3_bucket, tmp_path):
+    """Two workers compute the entry together (a block of images each) and upload it; with this machine's mirror
+    gone (a fresh machine: only S3 has the entry) the next run's two workers both hit it, downloaded once."""
     root = f"s3://{s3_bucket}/features"
     mirror = local_mirror(root)
     try:
-        first = run_training(job(tmp_path, "first", root))
-        assert cache_counts(first) == (0, 1)
+        first = run_training(job(tmp_path, "first", root, "scaling.num_workers=2"))
+        assert cache_counts(first) == (0, 1)  # one entry: the training split, shared by train and validation
+        assert first["metrics"]["cache_misses"] == 1  # in the metrics Tune and `sarl train` see
         entries = storage.list_dir(root)
         assert len(entries) == 1
         assert set(storage.list_dir(storage.join(root, entries[0]))) == {"dense.npy", "global.npy", "valid.npy",
                                                                          "meta.json"}
-        shutil.rmtree(mirror)  # a fresh machine: only S3 has the entry
-        second = run_training(job(tmp_path, "second", root))
+        shutil.rmtree(mirror)
+        second = run_training(job(tmp_path, "second", root, "scaling.num_workers=2"))
         assert cache_counts(second) == (1, 0)
+        assert second["metrics"]["val_mAP"] == pytest.approx(first["metrics"]["val_mAP"], abs=1e-4)
         assert (mirror / entries[0] / "meta.json").is_file()  # downloaded into this machine's mirror
     finally:
         shutil.rmtree(mirror, ignore_errors=True)

@@ -27,29 +27,6 @@ SWEEP = REPO / "jobs" / "sweep_demo.yaml"
 SMALL = ["overrides.data.options.num_images=240", "overrides.train.batch_size=16"]
 
 
-def test_sweep_stops_trials_early_and_its_best_job_reproduces(ray_cluster, tmp_path):
-    sweep, job = load_sweep(SWEEP, [f"storage_path={tmp_path / 'tune'}", *SMALL, "overrides.train.epochs=3"])
-    result = run_sweep(sweep, job)
-    trials = result["trials"]
-    assert len(trials) == 4 and all(t["error"] is None for t in trials)
-    assert {t["params"]["loss.name"] for t in trials} == {"asl", "wan"}
-    assert {t["params"]["model.fusion"] for t in trials} == {"bilinear", "dot"}
-    assert any(t["status"] == "stopped early" and t["stopped_at"] < 3 for t in trials), trials
-    assert all("loss.params.gamma_neg" in t["params"] for t in trials if t["params"]["loss.name"] == "asl")
-    assert not any("loss.params.gamma_neg" in t["params"] for t in trials if t["params"]["loss.name"] == "wan")
-    assert [t["best"] for t in trials] == sorted((t["best"] for t in trials), reverse=True)
-
-    out = Path(result["output_dir"])
-    for name in ("trials.csv", "trials.md", "best_job.yaml"):
-        assert (out / name).stat().st_size > 0
-    assert (out / "val_map_per_trial.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "trials.md").read_text().count("\n") == 2 + 4
-
-    best = result["best"]
-    retrained = run_training(load_job(out / "best_job.yaml", [f"run.storage_path={tmp_path / 'best'}"]))
-    assert retrained["metrics"]["val_mAP"] >= best["best"] - 0.5, (retrained["metrics"], best)
-
-
 def _progress(experiment: Path) -> dict[str, str]:
     """Each Tune trial's progress.csv (one row per reported epoch), by trial directory name."""
     return {p.parent.name: p.read_text() for p in experiment.glob("run_trial_*/progress.csv")}
@@ -63,14 +40,16 @@ def _epochs(progress_csv: str) -> list[int]:
     return [int(float(row["epoch"])) for row in csv.DictReader(io.StringIO(progress_csv))]
 
 
-def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epochs(ray_cluster, tmp_path):
-    """Ctrl-C once the first trial finished and the second reported its first epoch (ASHA's first rung), then the
-    same sweep again. ASHA (grace 1, reduction 3, 3 epochs: a rung at epoch 1, max_t 3) decides on the reported
-    epoch: a resumed trial continues at epoch k+1 while its Tune iteration starts at 1 again."""
+def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job_reproduces(ray_cluster, tmp_path):
+    """Ctrl-C once a trial finished and another reported its first epoch or two (ASHA's first rung is epoch 1), then
+    the same sweep again. ASHA (grace 1, reduction 3, 3 epochs: a rung at epoch 1, max_t 3) decides on the
+    reported epoch: a resumed trial continues at epoch k+1 while its Tune iteration starts at 1 again. The resumed
+    sweep's results are then those of any sweep: every grid point, conditional parameters only where they apply,
+    trials stopped early, the tables and plot, and a best job that reproduces its score under ``sarl train``."""
     import ray
 
     storage_path = tmp_path / "tune"
-    overrides = [f"storage_path={storage_path}", "max_concurrent_trials=1", "overrides.train.epochs=3", *SMALL]
+    overrides = [f"storage_path={storage_path}", "overrides.train.epochs=3", *SMALL]
     args = [str(Path(sys.executable).parent / "sarl"), "tune", "--config", str(SWEEP), "--address",
             ray.get_runtime_context().gcs_address, *overrides]
     experiment = storage_path / "sweep_demo"
@@ -114,10 +93,34 @@ def test_interrupted_sweep_with_asha_resumes_without_rerunning_or_repeating_epoc
             # a queue Train does not wait on, so Train can finish more epochs before the stop lands (seen: [1, 2]).
             assert trial["status"] == "stopped early" and seen[-1] == 1, (trial, seen, epochs)
 
+    trials = result["trials"]
+    assert {t["params"]["loss.name"] for t in trials} == {"asl", "wan"}
+    assert {t["params"]["model.fusion"] for t in trials} == {"bilinear", "dot"}
+    assert any(t["status"] == "stopped early" and t["stopped_at"] < 3 for t in trials), trials
+    assert all("loss.params.gamma_neg" in t["params"] for t in trials if t["params"]["loss.name"] == "asl")
+    assert not any("loss.params.gamma_neg" in t["params"] for t in trials if t["params"]["loss.name"] == "wan")
+    assert [t["best"] for t in trials] == sorted((t["best"] for t in trials), reverse=True)
+    out = Path(result["output_dir"])
+    for name in ("trials.csv", "trials.md", "best_job.yaml"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "val_map_per_trial.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "trials.md").read_text().count("\n") == 2 + 4
+    best = result["best"]
+    retrained = run_training(load_job(out / "best_job.yaml", [f"run.storage_path={tmp_path / 'best'}"]))
+    assert retrained["metrics"]["val_mAP"] >= best["best"] - 0.5, (retrained["metrics"], best)
 
-def test_sweep_with_storage_and_feature_cache_in_s3(ray_cluster, s3_bucket, tmp_path, capfd):
+
+def test_sweep_with_storage_and_feature_cache_in_s3_and_whole_node_workers(ray_cluster, s3_bucket, tmp_path, capfd):
+    """Storage and feature cache on S3, and no credential written anywhere. Each trial's single worker asks for
+    every CPU of the biggest node: the driver's 0.1 CPU comes out of that budget (the worker asks for the rest),
+    so both fit; with the driver's CPU on top, the worker never fitted anywhere and the trial waited forever.
+    Custom driver resources that no node has are refused up front."""
     import ray
 
+    # The biggest node's CPUs, or what is free of them (earlier tests may leave a placement group behind).
+    node_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    node_cpus = min(node_cpus, int(ray.available_resources().get("CPU", 0) * 10) / 10)
+    assert node_cpus >= 1, ray.available_resources()
     root = f"s3://{s3_bucket}"
     sweep_file = tmp_path / "sweep_s3.yaml"
     sweep_file.write_text(f"""
@@ -133,11 +136,16 @@ space:
 num_samples: 1
 max_concurrent_trials: 1
 scheduler: {{name: none}}
-resources: {{num_workers: 1, cpus_per_worker: 0.9}}
+resources: {{num_workers: 1, cpus_per_worker: {node_cpus}}}
 storage_path: {root}/tune
 output_dir: {tmp_path / "results"}
 """)
+    sweep, job = load_sweep(sweep_file, ["resources.driver_cpus=0",
+                                         "resources.driver_resources={sarl_no_such_resource: 0.01}"])
+    with pytest.raises(ConfigError, match="sarl_no_such_resource"):
+        run_sweep(sweep, job)
     sweep, job = load_sweep(sweep_file)
+    assert job["scaling"]["cpus_per_worker"] == pytest.approx(node_cpus - 0.1)
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
     assert len(secret) >= 16  # conftest's distinctive fake secret: found nowhere by chance
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
@@ -160,37 +168,3 @@ output_dir: {tmp_path / "results"}
     assert storage.list_files(f"{root}/cache"), "no feature cache entry in the bucket"
     first, second = sorted(result["trials"], key=lambda t: t["trial_id"])
     assert first["cache_misses"][0] > 0 and second["cache_hits"][0] > 0, result["trials"]
-
-
-def test_a_trial_whose_workers_want_a_whole_node_still_gets_its_driver_placed(ray_cluster, tmp_path):
-    """One trial whose single worker asks for every CPU of the biggest node: the driver's 0.1 CPU comes out of that
-    budget (the worker asks for the rest), so both fit. With the driver's CPU on top, the worker never fitted
-    anywhere and the trial waited forever. Custom driver resources that no node has are refused up front."""
-    import ray
-
-    # The biggest node's CPUs, or what is free of them (earlier tests may leave a placement group behind).
-    node_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-    node_cpus = min(node_cpus, int(ray.available_resources().get("CPU", 0) * 10) / 10)
-    assert node_cpus >= 1, ray.available_resources()
-    sweep_file = tmp_path / "sweep_whole_node.yaml"
-    sweep_file.write_text(f"""
-name: sweep_whole_node
-job: {REPO / "jobs" / "demo.yaml"}
-overrides:
-  data: {{options: {{num_images: 120, image_size: 64, seed: 0}}}}
-  train: {{epochs: 1, batch_size: 16}}
-space:
-  loss.name: {{grid: [asl]}}
-num_samples: 1
-scheduler: {{name: none}}
-resources: {{num_workers: 1, cpus_per_worker: {node_cpus}}}
-storage_path: {tmp_path / "tune"}
-""")
-    sweep, job = load_sweep(sweep_file, ["resources.driver_cpus=0",
-                                         "resources.driver_resources={sarl_no_such_resource: 0.01}"])
-    with pytest.raises(ConfigError, match="sarl_no_such_resource"):
-        run_sweep(sweep, job)
-    sweep, job = load_sweep(sweep_file)
-    assert job["scaling"]["cpus_per_worker"] == pytest.approx(node_cpus - 0.1)
-    result = run_sweep(sweep, job)
-    assert [t["status"] for t in result["trials"]] == ["completed"], result["trials"]
