@@ -234,3 +234,32 @@ def test_job_reads_a_data_set_and_word_vectors_from_s3(s3_bucket, tmp_path):
 
     model = create_model(job.model_config(), splits.categories)
     assert model.semantics.shape == (3, 4)
+
+
+def test_complete_matches_the_rows_of_an_s3_manifest_to_the_predictions_made_from_it(s3_bucket: str,
+                                                                                      tmp_path: Path) -> None:
+    """``sarl complete --manifest s3://...``: sarl predict names each image by its URI beside the manifest; the
+    completion looks rows up by the same URI (not the node-cache path of its copy), and refuses, loudly, when no
+    prediction matches any row."""
+    import json
+
+    from sarl.model.data.manifest import ManifestRow, write_manifest
+    from sarl.platform.complete import CompleteError, run_complete
+    from sarl.platform.predict import _manifest_paths
+
+    local = write_manifest(tmp_path / "train.jsonl", [ManifestRow("img/a.png", ["cat"], ["dog"]),
+                                                      ManifestRow("img/b.png", [], ["cat", "dog"])])
+    manifest = f"s3://{s3_bucket}/data/train.jsonl"
+    storage.upload_file(local, manifest)
+    paths = _manifest_paths(manifest)  # the keys of sarl predict's rows
+    assert paths == [f"s3://{s3_bucket}/data/img/a.png", f"s3://{s3_bucket}/data/img/b.png"]
+    predictions = [{"path": paths[0], "scores": {"cat": 0.9, "dog": 0.99}},
+                   {"path": paths[1], "scores": {"cat": 0.01, "dog": 0.97}}]
+    output = f"s3://{s3_bucket}/data/completed.jsonl"
+    counts = run_complete(manifest, predictions, {"cat": 0.5, "dog": 0.5}, output)
+    assert counts["unscored"] == 0 and counts["predicted_present"] == 2 and counts["predicted_absent"] == 1
+    done = [json.loads(line) for line in storage.read_text(output).splitlines()]
+    assert done[0]["labels"] == ["cat", "dog"] and done[1]["labels"] == ["dog"] and done[1]["unknown"] == []
+    elsewhere = [{**p, "path": str(tmp_path / Path(p["path"]).name)} for p in predictions]
+    with pytest.raises(CompleteError, match="no prediction matches a row"):
+        run_complete(manifest, elsewhere, {"cat": 0.5, "dog": 0.5}, output)

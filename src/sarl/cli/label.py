@@ -54,7 +54,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _complete(args: argparse.Namespace) -> int:
     from ..platform import storage
-    from ..platform.complete import run_complete
+    from ..platform.complete import CompleteError, run_complete
     from ..platform.predict import read_rows, run_predict
 
     config = load_command(CompleteConfig, args)
@@ -64,7 +64,11 @@ def _complete(args: argparse.Namespace) -> int:
                                         format="jsonl", address=config.address))
     rows = read_rows(predictions, "jsonl")
     thresholds = json.loads(storage.read_text(storage.join(predictions, "thresholds.json")))
-    counts = run_complete(config.manifest, rows, thresholds, config.output, config.band, config.suggest)
+    try:
+        counts = run_complete(config.manifest, rows, thresholds, config.output, config.band, config.suggest)
+    except CompleteError as exc:
+        print(f"sarl complete: {exc}", file=sys.stderr)
+        return 2
     print(f"{counts['images']} images ({summary['errors']} unreadable): of {counts['unknown_before']} unknown "
           f"entries, {counts['predicted_present']} predicted present, {counts['predicted_absent']} absent, "
           f"{counts['still_unknown']} still unknown (within {config.band} of the threshold); annotated entries "

@@ -321,8 +321,8 @@ def export_checkpoint(directory: str | Path, output: str | Path, pretrained: str
     model = load_checkpoint(directory, pretrained=pretrained, resolve=resolve)
     _, _, extra = read_checkpoint_meta(directory)
     save_checkpoint(model, output, extra=extra, self_contained=True)
-    for item in directory.iterdir():
-        if item.name in (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE):
+    for item in directory.iterdir():  # the export's own files (its digest.txt included) are not overwritten
+        if item.name in (MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE, TRAIN_STATE_FILE, DIGEST_FILE):
             continue
         if item.is_dir():
             shutil.copytree(item, output / item.name, dirs_exist_ok=True)

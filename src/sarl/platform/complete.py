@@ -48,6 +48,10 @@ DEFAULT_BAND = 0.15
 DEFAULT_MIN_POSITIVES = 5
 
 
+class CompleteError(ValueError):
+    """A user error of ``sarl complete``: predictions that do not belong to the manifest."""
+
+
 @section
 class CalibrateConfig:
     """The options of ``sarl calibrate``: its flags, and the keys of its ``--config`` file (``jobs/calibrate.yaml``)."""
@@ -235,17 +239,20 @@ def run_complete(manifest: str, predictions: list[dict[str, Any]], thresholds: d
                  band: float = DEFAULT_BAND, suggest: int = 0, suggest_output: str | None = None) -> dict[str, Any]:
     """Write the completed manifest (and the suggestions CSV); returns counts."""
     from ..model.data.manifest import read_manifest
+    from .predict import image_uri
 
     by_path = {p["path"]: p for p in predictions}
-    base = Path(node_cache.local_copy(manifest) if storage.is_s3(manifest) else manifest)
-    root = base.resolve().parent
+    rows = read_manifest(Path(node_cache.local_copy(manifest) if storage.is_s3(manifest) else manifest))
+    keys = [image_uri(manifest, row.path) for row in rows]  # as sarl predict keyed its rows
+    if rows and by_path and not by_path.keys() & set(keys):
+        raise CompleteError(f"no prediction matches a row of {manifest}: the predictions name images such as "
+                         f"{next(iter(by_path))!r}, the manifest {keys[0]!r}; were they made from this manifest?")
     lines, uncertain = [], []
     counts = {"images": 0, "unscored": 0, "unknown_before": 0, "predicted_present": 0, "predicted_absent": 0,
               "still_unknown": 0}
-    for row in read_manifest(base):
+    for row, key in zip(rows, keys):
         counts["images"] += 1
         counts["unknown_before"] += len(row.unknown)
-        key = row.path if Path(row.path).is_absolute() or storage.is_s3(row.path) else str(root / row.path)
         prediction = by_path.get(key)
         if prediction is None:  # unreadable (in the errors file): nothing to fill
             counts["unscored"] += 1
@@ -279,5 +286,5 @@ def run_complete(manifest: str, predictions: list[dict[str, Any]], thresholds: d
     return counts
 
 
-__all__ = ["Calibration", "best_f1_threshold", "calibrate_thresholds", "complete_entries", "f1_at",
-           "run_calibrate", "run_complete"]
+__all__ = ["CalibrateConfig", "Calibration", "CompleteConfig", "CompleteError", "best_f1_threshold",
+           "calibrate_thresholds", "complete_entries", "f1_at", "run_calibrate", "run_complete"]

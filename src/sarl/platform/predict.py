@@ -94,6 +94,16 @@ def list_inputs(source: str) -> list[str]:
     return [str(Path(source).resolve() / f) for f in files]
 
 
+def image_uri(manifest: str, path: str) -> str:
+    """Where a manifest row's image is: ``path`` itself if absolute or ``s3://``, else relative to the manifest
+    (an ``s3://`` manifest's folder, or a local manifest's resolved folder). Prediction rows are keyed by it."""
+    if storage.is_s3(path) or Path(path).is_absolute():
+        return path
+    if storage.is_s3(manifest):
+        return storage.join(manifest.rsplit("/", 1)[0], path)
+    return str(Path(manifest).resolve().parent / path)
+
+
 def _manifest_paths(source: str) -> list[str]:
     from ..model.data.manifest import read_manifest
 
@@ -102,14 +112,7 @@ def _manifest_paths(source: str) -> list[str]:
             rows = read_manifest(storage.download_file(source, Path(tmp) / PurePosixPath(source).name))
     else:
         rows = read_manifest(Path(source))
-    base = source.rsplit("/", 1)[0] if storage.is_s3(source) else str(Path(source).resolve().parent)
-    out = []
-    for row in rows:
-        path = row.path
-        if storage.is_s3(path) or Path(path).is_absolute():
-            out.append(path)
-        else:
-            out.append(storage.join(base, path) if storage.is_s3(base) else str(Path(base) / path))
+    out = [image_uri(source, row.path) for row in rows]
     if not out:
         raise PredictError(f"--input {source}: the manifest lists no image")
     return out

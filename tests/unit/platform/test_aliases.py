@@ -96,3 +96,21 @@ def test_a_driver_identifies_a_checkpoint_from_its_small_files(tmp_path: Path) -
     (directory / "weights.pt").write_bytes(weights)
     with pytest.raises(AliasError, match="changed after the alias was published"):
         served_checkpoint(str(directory), resolved=model.resolved() | {"digest": "sha256:" + "0" * 64})
+
+
+def test_an_export_is_identified_by_its_own_digest_and_a_worker_accepts_its_copy(tmp_path: Path) -> None:
+    """``sarl export`` then ``sarl predict`` (or an alias) on the export: the driver names the model from digest.txt,
+    a worker checks its copy against that; the export's digest.txt is its own, not the source's copied over it."""
+    from sarl.model.backbone import build_clip
+    from sarl.model.checkpoint import export_checkpoint
+    from sarl.model.factory import get_model_config
+
+    weights = tmp_path / "clip-weights.pt"  # a local weights source: the checkpoint stores only what trained
+    torch.save(build_clip(get_model_config("tiny-rn").clip).state_dict(), weights)
+    model = create_model("tiny-rn", Vocabulary([Category("a"), Category("b")], version="v"), pretrained=str(weights))
+    source = save_checkpoint(model, tmp_path / "source", extra={"epoch": 4})
+    export = export_checkpoint(source, tmp_path / "export")  # every tensor stored: other files, another digest
+    assert (export / "digest.txt").read_text().strip() == checkpoint_digest(export) != checkpoint_digest(source)
+    identity, _, _ = identify(str(export))
+    served = served_checkpoint(str(export), resolved=identity.resolved())  # what each scoring actor does
+    assert served.digest == identity.digest and served.model_id == "export:epoch-4"
