@@ -73,7 +73,7 @@ def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job
 
     sweep, job = load_sweep(SWEEP, overrides)
     assert sweep.scheduler.name == "asha"
-    result = run_sweep(sweep, job)
+    result = run_sweep(sweep, job, resume=True)
     after = _progress(experiment)
     assert len(result["trials"]) == 4 and all(t["error"] is None for t in result["trials"]), result["trials"]
     for name in finished:  # not rerun: the same rows, no more

@@ -89,7 +89,7 @@ def _tune(args: argparse.Namespace) -> int:
     from ..platform.tune import load_sweep, run_sweep
 
     sweep, job = load_sweep(args.config, args.overrides)
-    result = run_sweep(sweep, job, args.address)
+    result = run_sweep(sweep, job, args.address, resume=args.resume)
     out = Path(result["output_dir"])
     print((out / "trials.md").read_text())
     best = result["best"]
@@ -155,5 +155,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tune = sub.add_parser("tune", help="sweep losses and fusion settings on Ray Tune (one TorchTrainer per trial)")
     tune.add_argument("--config", required=True, help="sweep YAML (jobs/sweep_*.yaml)")
     tune.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the sweep of this name in its storage_path, if it is the same sweep (Tune "
+                           "loads its pickled state from there: resume only a sweep whose storage you trust)")
     tune.add_argument("overrides", nargs="*", help="key=value overrides of the sweep, e.g. num_samples=16")
     tune.set_defaults(func=_tune)

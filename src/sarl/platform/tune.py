@@ -18,8 +18,8 @@ A sweep file (``jobs/sweep_*.yaml``)::
     scheduler: {name: asha, grace_period: 2, reduction_factor: 2}
 
 Samplers: ``choice``, ``grid`` (every value), ``uniform``, ``loguniform``, ``randint``. The sweep lives in
-``<storage_path>/<name>`` (local or ``s3://``); running the same sweep again resumes it there: finished trials
-are kept, unfinished ones continue from their last checkpoint.
+``<storage_path>/<name>`` (local or ``s3://``); running the same sweep again with ``resume`` (``sarl tune
+--resume``) continues it there: finished trials are kept, unfinished ones continue from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ TRIAL_DRIVER_CPUS = 0.1  # the default resources.driver_cpus
 DRIVER_FIELDS = ("driver_cpus", "driver_resources")  # ResourcesSection fields that are not the trial job's scaling
 # What Tune would copy from the driver's environment into every trial actor's runtime_env (see run_sweep).
 CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+# The sweep and its base job as requested, plain JSON beside Tune's state: what a resume is checked against before
+# Tune unpickles anything. Fields a resume may change: where the tables go, how many trials run at once.
+SWEEP_FILE = "sweep.json"
+SWEEP_RESUME_IGNORED = ("output_dir", "max_concurrent_trials")
 
 
 @section
@@ -278,20 +282,33 @@ def _tune_config(sweep: SweepConfig, max_epochs: int, train_storage: str) -> Any
                            scheduler=scheduler, search_alg=search)
 
 
-def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; write the results; returns {trials, best, best_job, output_dir}."""
+def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = None,
+              resume: bool = False) -> dict[str, Any]:
+    """Run the sweep, or with ``resume`` continue the one of its name; write the results; returns {trials, best,
+    best_job, output_dir}.
+
+    Resuming loads Tune's pickled state (``tuner.pkl``, the trials' state) from the sweep's storage, so whoever
+    can write there can run code in this driver: a sweep resumes only when asked, and only after its stored
+    ``sweep.json`` (plain JSON) is found to be this sweep, both checked before Ray starts.
+    """
     from ray import tune
 
     from .cluster import absolute_paths, init_ray
 
     storage.check_writable(sweep.storage_path)
     job = to_dict(absolute_paths(from_dict(JobConfig, job)))  # trials run in their own working directories
-    init_ray(address or job.get("address"))
-    keep_credentials_out_of_trials()
     filesystem, path = storage.pyarrow_filesystem(sweep.storage_path)
     if filesystem is None:
         path = str(Path(path).expanduser().resolve())
     experiment = f"{path.rstrip('/')}/{sweep.name}"
+    requested = {"sweep": to_dict(sweep), "job": job}
+    restore = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    if restore:
+        check_sweep_resume(sweep, requested, resume)
+    elif resume:
+        log.info("sweep %s: nothing to resume in %s, starting it", sweep.name, sweep.storage_path)
+    init_ray(address or job.get("address"))
+    keep_credentials_out_of_trials()
     train_storage = storage.join(sweep.storage_path if storage.is_s3(sweep.storage_path) else path,
                                  sweep.name, "train")
     param_space = {key: _sampler(spec) for key, spec in sweep.space.items()}
@@ -300,17 +317,44 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     # request comes out of the trial's budget, or from the head's custom resource (ResourcesSection).
     check_driver_resources(sweep)
     trainable = tune.with_resources(trainable, sweep.resources.driver())
-    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+    if restore:
         log.info("resuming sweep %s from %s", sweep.name, experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space, storage_filesystem=filesystem)
     else:
+        storage.write_text(storage.join(sweep.storage_path, sweep.name, SWEEP_FILE),
+                           json.dumps(requested, indent=1, default=str) + "\n")
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=_tune_config(sweep, job["train"]["epochs"], train_storage),
                            run_config=tune.RunConfig(name=sweep.name, storage_path=path,
                                                      storage_filesystem=filesystem))
     grid = tuner.fit()
     return write_results(sweep, job, _trials(grid, sweep, job["train"]["epochs"], train_storage))
+
+
+def check_sweep_resume(sweep: SweepConfig, requested: dict[str, Any], resume: bool) -> None:
+    """Raise ``ConfigError`` unless the existing sweep of this name may be resumed: asked for (``resume``), and
+    its ``sweep.json`` is ``requested`` (``SWEEP_RESUME_IGNORED`` aside). A sweep without one (made by an older
+    sarl) resumes as asked, with a warning."""
+    from .runs import job_differences
+
+    where = f"sweep {sweep.name!r} in {sweep.storage_path}"
+    if not resume:
+        raise ConfigError(f"{where} exists already: rerun with --resume to continue it, or give another name or "
+                          "storage_path. Resuming loads Tune's pickled state from that storage: resume only a sweep "
+                          "whose storage you trust")
+    uri = storage.join(sweep.storage_path, sweep.name, SWEEP_FILE)
+    if not storage.exists(uri):
+        log.warning("%s has no %s to check it against (a sweep from an older sarl): resuming it as asked",
+                    where, SWEEP_FILE)
+        return
+    stored = json.loads(storage.read_text(uri))
+    differences = [*job_differences(stored.get("sweep", {}), requested["sweep"], SWEEP_RESUME_IGNORED),
+                   *(f"job.{d}" for d in job_differences(stored.get("job", {}), requested["job"], ()))]
+    if differences:
+        listed = "\n".join(f"  - {d}" for d in differences)
+        raise ConfigError(f"{where} was started as another sweep; not resumed. What differs (stored -> "
+                          f"requested):\n{listed}\nrerun it as it was, or give another name or storage_path")
 
 
 def keep_credentials_out_of_trials() -> None:
