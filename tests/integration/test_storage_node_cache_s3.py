@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -134,8 +135,9 @@ def test_eviction_removes_least_recently_used_entries_never_one_in_use(s3_bucket
     assert node_cache.local_copy(uris["d"], cache_dir=cache) == path_d
     assert not path_c.exists() and path_d.exists()
     assert entries(cache) == [path_d.parent.name]
+    pointer = node_cache._pointer(cache, uris["d"]).name  # d's last published entry; a, b and c's went with them
     assert sorted(p.name for p in cache.iterdir()) == sorted([path_d.parent.name, path_d.parent.name + ".use",
-                                                              path_d.parent.name + ".lock"])  # no lock files left
+                                                              path_d.parent.name + ".lock", pointer])  # no lock files
 
 
 def test_a_new_version_gets_a_new_entry_and_the_unused_old_one_goes(s3_bucket: str, tmp_path: Path, mp) -> None:
@@ -281,3 +283,58 @@ def test_transfers_retry_throttling_and_checks_fail_fast(s3_bucket: str, tmp_pat
     assert storage.s3_client(fail_fast=True).meta.config.retries["total_max_attempts"] <= 3
     assert storage.s3_client(fail_fast=True) is not storage.s3_client()
     assert storage.s3_client().meta.config.retries["total_max_attempts"] >= 6
+
+
+# ------------------------------------------------------------------------------ revalidation, and an outage
+@pytest.fixture
+def s3_operations() -> Iterator[list[str]]:
+    """The names of the S3 operations this process's clients send during the test (boto3's own event hook)."""
+    sent: list[str] = []
+
+    def record(model, **kwargs) -> None:
+        sent.append(model.name)
+
+    clients = [storage.s3_client(fail_fast=fail_fast) for fail_fast in (False, True)]
+    for client in clients:
+        client.meta.events.register("before-call.s3", record)
+    yield sent
+    for client in clients:
+        client.meta.events.unregister("before-call.s3", record)
+
+
+def test_a_copy_is_revalidated_with_one_head_and_used_while_the_store_is_down(s3_bucket: str, tmp_path: Path,
+                                                                             s3_outage, s3_operations, caplog) -> None:
+    """A checkpoint directory (its digest.txt names the version) and a single file: the second local_copy asks S3
+    one HEAD, no listing; with the endpoint stopped, the copy on disk is used and the log says so; a new version
+    is fetched once the store is back; a URI never copied here still fails while the store is down."""
+    root = f"s3://{s3_bucket}"
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    for name, text in {"model.json": "{}", "weights.pt": "w1", "digest.txt": "sha256:one"}.items():
+        (checkpoint / name).write_text(text)
+    storage.upload_dir(checkpoint, f"{root}/runs/ckpt")
+    storage.write_text(f"{root}/vectors.txt", "cat 1 2\n")
+    cache = tmp_path / "cache"
+    first = node_cache.local_copy(f"{root}/runs/ckpt", cache_dir=cache)
+    vectors = node_cache.local_copy(f"{root}/vectors.txt", cache_dir=cache)
+    s3_operations.clear()
+    assert node_cache.local_copy(f"{root}/runs/ckpt", cache_dir=cache) == first
+    assert node_cache.local_copy(f"{root}/vectors.txt", cache_dir=cache) == vectors
+    assert s3_operations == ["HeadObject", "HeadObject"]  # no ListObjectsV2: the prefix is not listed again
+
+    s3_outage.stop()
+    try:
+        with caplog.at_level("WARNING", logger="sarl.node_cache"):
+            assert node_cache.local_copy(f"{root}/runs/ckpt", cache_dir=cache) == first
+            assert (first / "weights.pt").read_text() == "w1"
+        assert "the store cannot be reached" in caplog.text and str(first.parent) in caplog.text
+        with pytest.raises(Exception) as info:  # nothing on disk to fall back on
+            node_cache.local_copy(f"{root}/runs/other", cache_dir=cache)
+        assert storage.is_unreachable(info.value) or isinstance(info.value, storage.StorageError), info.value
+    finally:
+        s3_outage.start()
+
+    storage.write_text(f"{root}/runs/ckpt/weights.pt", "w2")  # a new version: its digest changes with it
+    storage.write_text(f"{root}/runs/ckpt/digest.txt", "sha256:two")
+    second = node_cache.local_copy(f"{root}/runs/ckpt", cache_dir=cache)
+    assert second != first and (second / "weights.pt").read_text() == "w2"

@@ -2,6 +2,11 @@
 per machine and version into ``$SARL_CACHE_DIR`` (default ``~/.cache/sarl``) and sharing them between the
 processes of the node (Train workers, Serve replicas, Data tasks) with file locks; entries nobody uses are evicted
 beyond ``$SARL_CACHE_MAX_BYTES``. URI I/O itself is ``storage``.
+
+A URI copied before is looked at here first: one HEAD (of the object, or of a checkpoint directory's
+``digest.txt``; other directories are listed) says whether the copy is current, and while the store cannot be
+reached the copy is used as it is, with a warning, so a worker or replica restarting during an S3 outage starts
+from its node's copy instead of failing.
 """
 
 from __future__ import annotations
@@ -10,17 +15,21 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import storage
 from .storage import Uri
+
+log = logging.getLogger("sarl.node_cache")
 
 
 def default_cache_dir() -> Path:
@@ -29,6 +38,7 @@ def default_cache_dir() -> Path:
 
 
 _MANIFEST = "manifest.json"
+DIGEST_NAME = "digest.txt"  # a checkpoint's digest of its files: one HEAD of it revalidates the whole copy
 _ENTRY_RE = re.compile(r"[0-9a-f]{24}-[0-9a-f]{16}")  # <hash of the URI>-<hash of its objects' ETags>
 _STAGING_RE = re.compile(r"\.([0-9a-f]{24}-[0-9a-f]{16})\..+")  # .<entry>.<random>: a download in progress
 _TRASH_PREFIX = ".trash-"
@@ -112,6 +122,12 @@ def _try_evict(entry: Path) -> bool:
         os.close(use)
     if removed:
         shutil.rmtree(trash, ignore_errors=True)
+        pointer = entry.with_name(f"{entry.name.split('-')[0]}.json")  # the URI's pointer, if it names this entry
+        try:
+            if json.loads(pointer.read_text()).get("entry") == entry.name:
+                pointer.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
     return removed
 
 
@@ -157,13 +173,52 @@ def _sweep(cache: Path, current: Path, max_bytes: int | None) -> None:
             total -= size
 
 
-def _plan(bucket: str, key: str, name: str) -> dict[str, dict[str, Any]]:
+def _pointer(cache: Path, uri: str) -> Path:
+    """``<hash of the URI>.json`` (the hash its entries' names start with): the URI's last published entry, and
+    the one object whose ETag says whether it is still current (the object itself, or a directory's
+    ``digest.txt``; none for other directories)."""
+    return cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}.json"
+
+
+def _current_copy(cache: Path, uri: str, bucket: str) -> Path | None:
+    """The published entry of ``uri`` on this node if it is still current, checked with one HEAD (a directory
+    without ``digest.txt``: one listing), or whatever the store says if it cannot be reached (a warning says
+    so). None when there is no entry, or the store has a newer version."""
+    try:
+        pointer = json.loads(_pointer(cache, uri).read_text())
+    except (OSError, ValueError):
+        return None
+    entry = cache / str(pointer.get("entry", ""))
+    if not _ENTRY_RE.fullmatch(entry.name) or not _published(entry):
+        return None
+    try:
+        check = pointer.get("check")
+        if check:
+            head = storage.head_object(bucket, check["key"], fail_fast=True)
+            return entry if head is not None and head["ETag"] == check["etag"] else None
+        objects = json.loads((entry / _MANIFEST).read_text())["objects"]
+        name = PurePosixPath(storage.parse_s3(uri)[1]).name or bucket
+        return entry if _versions(_plan(bucket, storage.parse_s3(uri)[1], name, fail_fast=True)) == objects else None
+    except Exception as error:  # noqa: BLE001 - only an unreachable store is answered from the copy
+        if not storage.is_unreachable(error):
+            raise
+        log.warning("%s: the store cannot be reached (%s); using this node's copy %s, downloaded %s", uri,
+                    type(error).__name__, entry, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                               time.localtime((entry / _MANIFEST).stat().st_mtime)))
+        return entry
+
+
+def _versions(plan: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {k: v["etag"] for k, v in plan.items()}
+
+
+def _plan(bucket: str, key: str, name: str, fail_fast: bool = False) -> dict[str, dict[str, Any]]:
     """What ``local_copy`` of ``s3://bucket/key`` downloads: path in the entry -> {key, etag, size}."""
-    head = storage.head_object(bucket, key)
+    head = storage.head_object(bucket, key, fail_fast=fail_fast)
     if head is not None:
         plan = {name: {"key": key, "etag": head["ETag"], "size": head.get("ContentLength", 0)}}
         if name.endswith(SIDECAR_SUFFIXES):
-            for obj in storage.list_objects(bucket, key + "."):
+            for obj in storage.list_objects(bucket, key + ".", fail_fast=fail_fast):
                 rest = obj["Key"][len(key) :]
                 if "/" not in rest:  # <name>.vectors.npy beside it, not a "directory" <name>.d/...
                     plan[name + rest] = {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
@@ -172,7 +227,7 @@ def _plan(bucket: str, key: str, name: str) -> dict[str, dict[str, Any]]:
     root = Path(name)
     return {storage.safe_destination(root, obj["Key"][len(prefix) :], f"s3://{bucket}/{obj['Key']}").as_posix():
             {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
-            for obj in storage.list_objects(bucket, prefix)}
+            for obj in storage.list_objects(bucket, prefix, fail_fast=fail_fast)}
 
 
 def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = None) -> Path:
@@ -193,6 +248,10 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
       cache holds more than ``max_bytes`` (default ``$SARL_CACHE_MAX_BYTES``; unset: no bound). An entry is only
       removed by a process that takes its use lock exclusively without waiting, so never while in use.
 
+    A URI copied before is revalidated first (one HEAD when it is a file or a directory with ``digest.txt``, a
+    listing otherwise, both with the fail-fast client); if the store cannot be reached then, its last published
+    entry is returned as it is and a warning says so.
+
     Raises ``FileNotFoundError`` if nothing is at ``uri``, ``StorageError`` for a key that would land outside
     the entry (see :func:`download_dir`).
     """
@@ -201,12 +260,17 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
     uri = str(uri).rstrip("/")
     bucket, key = storage.parse_s3(uri)
     name = PurePosixPath(key).name or bucket
+    cache = Path(cache_dir or default_cache_dir())
+    cache.mkdir(parents=True, exist_ok=True)
+    current = _current_copy(cache, uri, bucket)
+    if current is not None:
+        _hold(current)
+        if _published(current):  # not evicted between the check and the hold
+            return _used(cache, current, name, max_bytes)
     plan = _plan(bucket, key, name)
     if not plan:
         raise FileNotFoundError(uri)
-    cache = Path(cache_dir or default_cache_dir())
-    cache.mkdir(parents=True, exist_ok=True)
-    version = hashlib.sha256(json.dumps({k: v["etag"] for k, v in plan.items()}, sort_keys=True).encode())
+    version = hashlib.sha256(json.dumps(_versions(plan), sort_keys=True).encode())
     entry = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}-{version.hexdigest()[:16]}"
     _hold(entry)  # before looking: an entry seen published then stays
     if not _published(entry):
@@ -229,6 +293,16 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
                     shutil.rmtree(staging, ignore_errors=True)
         finally:
             os.close(fd)
+    check = next(({"key": v["key"], "etag": v["etag"]} for k, v in plan.items()
+                  if k == name and len(plan) == 1 or k == f"{name}/{DIGEST_NAME}"), None)
+    pointer = _pointer(cache, uri)
+    staged = pointer.with_name(f".{pointer.name}.{uuid.uuid4().hex}")
+    staged.write_text(json.dumps({"entry": entry.name, "check": check}))
+    os.replace(staged, pointer)  # whole or not at all: other processes read it without a lock
+    return _used(cache, entry, name, max_bytes)
+
+
+def _used(cache: Path, entry: Path, name: str, max_bytes: int | None) -> Path:
     try:
         os.utime(entry / _MANIFEST)  # last use, for the eviction order
     except OSError:

@@ -114,22 +114,33 @@ def dir_prefix(key: str) -> str:
     return key.rstrip("/") + "/" if key.strip("/") else ""
 
 
-def list_objects(bucket: str, prefix: str, markers: bool = False) -> list[dict[str, Any]]:
+def list_objects(bucket: str, prefix: str, markers: bool = False, fail_fast: bool = False) -> list[dict[str, Any]]:
     """All objects under ``prefix`` (recursive); directory markers (keys ending in ``/``) only if asked."""
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    pages = s3_client(fail_fast=fail_fast).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [obj for page in pages for obj in page.get("Contents", []) if markers or not obj["Key"].endswith("/")]
 
 
-def head_object(bucket: str, key: str) -> dict[str, Any] | None:
+def head_object(bucket: str, key: str, fail_fast: bool = False) -> dict[str, Any] | None:
     """The object's metadata, or None when no object has exactly this key."""
     if not key or key.endswith("/"):
         return None
     try:
-        return s3_client().head_object(Bucket=bucket, Key=key)
+        return s3_client(fail_fast=fail_fast).head_object(Bucket=bucket, Key=key)
     except ClientError as error:
         if _is_missing(error):
             return None
         raise
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the store could not be reached or answered that it is unavailable (connection
+    refused, timeouts, 5xx), rather than that the object is missing or access is denied."""
+    if isinstance(error, BotoCoreError) and not isinstance(error, NoCredentialsError):
+        return True
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or error.response.get("Error", {}).get("Code") in ("SlowDown", "ServiceUnavailable")
+    return False
 
 
 def exists(uri: Uri) -> bool:
