@@ -1,6 +1,8 @@
 """Ray Train on a real local cluster: 2 CPU workers, checkpoints on disk and in moto's S3, recovery, resume."""
 
 import json
+import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from sarl.model.config import ConfigError
 from sarl.platform import storage
 from sarl.platform.evaluate import evaluate_checkpoint
 from sarl.platform.job import load_job
-from sarl.platform.train import run_training
+from sarl.platform.train import run_training, scratch_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +24,19 @@ SMALL = ["data.options.num_images=160", "train.batch_size=16", "train.eval_batch
 def job(storage_path, name, *overrides):
     return load_job("jobs/demo.yaml", [*SMALL, f"run.storage_path={storage_path}", f"run.name={name}",
                                        "train.epochs=2", *overrides])
+
+
+def alive_actors(class_name):
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == class_name]
+
+
+def wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.5)
 
 
 def epochs_reported(result):
@@ -42,7 +57,11 @@ def test_train_on_local_storage_and_evaluate(ray_cluster, tmp_path, monkeypatch)
     the checkpoints and the aliases land under the directory the job was started from."""
     relative = job("runs", "local", "train.epochs=3", "run.keep_checkpoints=1")
     monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
     result = run_training(relative)
+    # Train V2's fit() installs a SIGINT handler holding its controller: put back, the controller goes with it
+    assert signal.getsignal(signal.SIGINT) is handler
+    wait_until(lambda: not alive_actors("TrainController"), 30)
     assert epochs_reported(result) == [1, 2, 3]  # every epoch, though only the best checkpoint is kept
     assert [row["epoch"] for row in raw_history(tmp_path / "runs", "local")] == [1, 2, 3]
     assert result["checkpoint"].startswith(str(tmp_path / "runs" / "local"))
@@ -74,11 +93,16 @@ def test_train_with_checkpoints_in_s3(ray_cluster, s3_bucket, tmp_path):
 
 
 def test_worker_failure_in_epoch_2_is_recovered(ray_cluster, tmp_path):
-    result = run_training(job(tmp_path / "runs", "chaos", "train.epochs=3", "run.fail_once_at_epoch=2",
-                              "run.max_failures=1", "run.keep_checkpoints=5"))
+    chaos = job(tmp_path / "runs", "chaos", "train.epochs=3", "run.fail_once_at_epoch=2", "run.max_failures=1",
+                "run.keep_checkpoints=5")
+    result = run_training(chaos)
     assert (tmp_path / "runs" / "chaos" / ".failed_once_at_epoch_2").exists()  # the failure did happen
     assert epochs_reported(result) == [1, 2, 3]
     assert [row["epoch"] for row in raw_history(tmp_path / "runs", "chaos")] == [1, 2, 3]  # as written: once each
+    # the failed attempt's resume copy and unuploaded checkpoint went with it, and the second attempt's at its end
+    left = [p.name for p in Path(tempfile.gettempdir()).iterdir()
+            if p.name.startswith((scratch_prefix(chaos, "worker"), scratch_prefix(chaos, "checkpoint")))]
+    assert left == []
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(ray_cluster, tmp_path):

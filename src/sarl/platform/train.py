@@ -26,12 +26,17 @@ next epoch with the same mask.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +92,36 @@ def _maybe_fail(job: JobConfig, epoch: int, rank: int) -> None:
         raise RuntimeError(f"injected failure in epoch {epoch} (run.fail_once_at_epoch)")
 
 
+def scratch_prefix(job: JobConfig, kind: str, rank: int | None = None) -> str:
+    """The prefix of a worker's temporary directories of ``kind`` (``worker``: a rank's resume copy and mask;
+    ``checkpoint``: rank 0's epoch files until they are uploaded), named after the run (and its storage)."""
+    digest = hashlib.sha256(Run.of(job).uri.encode()).hexdigest()[:8]
+    return f"sarl-{kind}-{job.run_name}-{digest}-" + ("" if rank is None else f"r{rank}-")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Train worker. Its temporary directories go when it ends, a failed attempt's included (the resume copy,
+    and checkpoints whose upload never finished: a restart writes them again); a worker Train killed cannot clean
+    up, so each rank first removes what its earlier attempts left on this node."""
     job = from_dict(JobConfig, config["job"])
+    rank = ray.train.get_context().get_world_rank()
+    leftovers = (scratch_prefix(job, "worker", rank), *((scratch_prefix(job, "checkpoint"),) if rank == 0 else ()))
+    for path in Path(tempfile.gettempdir()).iterdir():
+        if path.name.startswith(leftovers):
+            shutil.rmtree(path, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(job, "worker", rank)))
+    staged: list[Path] = []
+    try:
+        _train(config, job, scratch, staged)
+    except BaseException:
+        for staging in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(config: dict[str, Any], job: JobConfig, scratch: Path, staged: list[Path]) -> None:
     job = resolve_data_uris(job)  # s3:// data to this node's cache, once per node; config["job"] keeps the URIs
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -96,7 +129,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not job.scaling.use_gpu:
         torch.set_num_threads(job.scaling.torch_threads or max(1, int(job.scaling.cpus_per_worker)))
     seed_everything(job.train.seed)
-    scratch = Path(tempfile.mkdtemp(prefix="sarl-worker-"))
     resume = ray.train.get_checkpoint()
     train_state = None
     if resume is not None:
@@ -175,7 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rng_states = rank_rng_states(device)  # a collective: each rank's stream goes into the checkpoint
         checkpoint, staging = None, None
         if rank == 0:
-            staging = Path(tempfile.mkdtemp(prefix="sarl-checkpoint-"))  # removed once uploaded
+            staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(job, "checkpoint")))  # removed once uploaded
+            staged.append(staging)
             state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": rng_states[0], "rng_per_rank": rng_states}
             save_checkpoint(bare, staging, train_state=state, extra={"epoch": epoch, "val_mAP": val["mAP"]})
@@ -200,7 +233,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:  # after the report: an epoch is in the history once its checkpoint is persisted
                 Run.of(job).append_history({**report, "checkpoint_upload_s": time.perf_counter() - report_start})
                 shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -223,6 +255,22 @@ def run_config(job: JobConfig, callbacks: list[Any] | None = None) -> ray.train.
                                                      checkpoint_score_order="max"))
 
 
+@contextlib.contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """The SIGINT handler as it was, once ``fit()`` returns or raises. Train V2's ``fit()`` installs its own (Ctrl-C
+    aborts the run) and leaves it: its controller's handle then outlives the run (one ``ray::TrainController`` per
+    fit stays alive), and a later Ctrl-C (during evaluation, ``sarl protocol``'s next run) is swallowed twice and
+    then exits 0. Only the main thread has signal handlers (Tune's trials fit in threads: nothing to keep)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_training(job: JobConfig) -> dict[str, Any]:
     """Fit the job on Ray Train; returns the best checkpoint's URI and metrics and the per-epoch history."""
     from ray.train.torch import TorchTrainer
@@ -234,7 +282,8 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     init_ray(job.address, num_cpus=None)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"job": to_dict(job)},
                            scaling_config=scaling_config(job), run_config=run_config(job))
-    result = trainer.fit()
+    with sigint_handler_kept():
+        result = trainer.fit()
     if result.error:
         raise result.error
     checkpoint = result.get_best_checkpoint(metric="val_mAP", mode="max")
