@@ -7,11 +7,10 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast bench lint clean
 
-$(BIN)/sarl: pyproject.toml
+# The install step is scripts/install.sh, the cluster image's too (Dockerfile).
+$(BIN)/sarl: pyproject.toml scripts/install.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	TORCH_PINS="$(TORCH_PINS)" sh scripts/install.sh $(BIN)/python test
 	touch $(BIN)/sarl
 
 setup: $(BIN)/sarl

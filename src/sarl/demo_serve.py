@@ -35,6 +35,8 @@ DEPLOYMENT = {  # two fixed replicas, so the demo shows every replica switching;
 }
 
 
+SERVE_DIR = "serve"  # <output_dir>/serve/checkpoint and vocab_store: what serve_configs/local.yaml names
+
 def _post(url: str, image: bytes, **params: float) -> dict:
     query = "&".join(f"{k}={v}" for k, v in params.items())
     request = urllib.request.Request(f"{url}/v1/predict?{query}", data=image, method="POST",
@@ -89,7 +91,7 @@ def serve_demo(checkpoint: str, output_dir: str | Path, image_size: int = 64) ->
 
     from .platform.serve import ServeConfig, deploy
 
-    serve_dir = Path(output_dir) / "serve"
+    serve_dir = Path(output_dir) / SERVE_DIR
     shutil.rmtree(serve_dir, ignore_errors=True)
     local = node_cache.local_copy(checkpoint)
     (serve_dir / "checkpoint").mkdir(parents=True)
