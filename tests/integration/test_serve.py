@@ -213,3 +213,31 @@ def test_local_serve_config_autoscaling_is_what_serve_reports(ray_cluster, serve
         assert post_image(f"{URL}/from-config", png()).json()["vocabulary_version"] == "1"
     finally:
         serve.delete("from-config")
+
+
+def test_sarl_serve_stops_cleanly_on_sigterm(ray_cluster, serve_checkpoint, tmp_path):
+    """What `docker stop`, systemd and Kubernetes send: the app is deleted and the command exits 0 (Ray's own
+    handler aborted the process, the app still deployed)."""
+    import os
+    import signal
+
+    import ray
+    from ray import serve
+
+    store = VocabStore(tmp_path / "store")
+    store.push(first_vocabulary())
+    command = [str(Path(sys.executable).parent / "sarl"), "serve", "--checkpoint", str(serve_checkpoint),
+               "--vocab-store", store.uri, "--address", ray.get_runtime_context().gcs_address, "--port", str(PORT)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        wait_for(lambda: requests.get(f"{URL}/readyz", timeout=5).status_code == 200, 120)
+        assert post_image(URL, png()).json()["vocabulary_version"] == "1"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: deleting the Serve application 'sarl'" in output and "SIGTERM received" not in output
+    assert "sarl" not in serve.status().applications

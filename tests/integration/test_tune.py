@@ -150,7 +150,9 @@ output_dir: {tmp_path / "results"}
     assert len(secret) >= 16  # conftest's distinctive fake secret: found nowhere by chance
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     logs_before = {p: p.stat().st_size for p in logs.rglob("*") if p.is_file()}
+    handler = signal.getsignal(signal.SIGINT)
     result = run_sweep(sweep, job)
+    assert signal.getsignal(signal.SIGINT) is handler  # Tune's fit() left its own: a later Ctrl-C did nothing
     assert len(result["trials"]) == 2 and all(t["status"] == "completed" for t in result["trials"])
     assert storage.exists(f"{root}/tune/sweep_s3/results/best_job.yaml")
     # No credential in anything the sweep wrote (Tune's tuner.pkl and experiment state included) ...

@@ -256,19 +256,24 @@ def run_config(job: JobConfig, callbacks: list[Any] | None = None) -> ray.train.
 
 
 @contextlib.contextmanager
-def sigint_handler_kept() -> Iterator[None]:
-    """The SIGINT handler as it was, once ``fit()`` returns or raises. Train V2's ``fit()`` installs its own (Ctrl-C
-    aborts the run) and leaves it: its controller's handle then outlives the run (one ``ray::TrainController`` per
-    fit stays alive), and a later Ctrl-C (during evaluation, ``sarl protocol``'s next run) is swallowed twice and
-    then exits 0. Only the main thread has signal handlers (Tune's trials fit in threads: nothing to keep)."""
+def signal_handlers_kept(*signums: int) -> Iterator[None]:
+    """The handlers of ``signums`` (default SIGINT) as they were, once the block returns or raises.
+
+    Train V2's ``fit()`` installs a SIGINT handler (Ctrl-C aborts the run) and leaves it: its controller's handle
+    then outlives the run (one ``ray::TrainController`` per fit stays alive), and a later Ctrl-C (during
+    evaluation, ``sarl protocol``'s next run) is swallowed twice and then exits 0. Tune's ``fit()`` leaves its
+    SIGINT and SIGUSR1 handlers the same way (a later Ctrl-C only sets the event of a finished sweep). Only the
+    main thread has signal handlers (Tune's trials fit in threads: nothing to keep)."""
+    signums = signums or (signal.SIGINT,)
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_training(job: JobConfig) -> dict[str, Any]:
@@ -282,7 +287,7 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     init_ray(job.address, num_cpus=None)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"job": to_dict(job)},
                            scaling_config=scaling_config(job), run_config=run_config(job))
-    with sigint_handler_kept():
+    with signal_handlers_kept():
         result = trainer.fit()
     if result.error:
         raise result.error

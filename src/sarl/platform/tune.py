@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -294,6 +295,7 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     from ray import tune
 
     from .cluster import absolute_paths, init_ray
+    from .train import signal_handlers_kept
 
     storage.check_writable(sweep.storage_path)
     job = to_dict(absolute_paths(from_dict(JobConfig, job)))  # trials run in their own working directories
@@ -328,7 +330,8 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
                            tune_config=_tune_config(sweep, job["train"]["epochs"], train_storage),
                            run_config=tune.RunConfig(name=sweep.name, storage_path=path,
                                                      storage_filesystem=filesystem))
-    grid = tuner.fit()
+    with signal_handlers_kept(signal.SIGINT, signal.SIGUSR1):
+        grid = tuner.fit()
     return write_results(sweep, job, _trials(grid, sweep, job["train"]["epochs"], train_storage))
 
 

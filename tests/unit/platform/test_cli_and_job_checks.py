@@ -89,7 +89,14 @@ def test_a_sweep_whose_job_has_a_wrong_option_is_refused(tmp_path: Path) -> None
         load_sweep(sweep)
 
 
-def test_serve_ctrl_c_deletes_only_its_own_application(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_ctrl_c_or_sigterm_deletes_only_its_own_application(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sarl serve`` until Ctrl-C or SIGTERM (docker stop, Kubernetes), both real signals sent to this process
+    once the app is up: only its own application is deleted (on a shared cluster serve.shutdown() would stop every
+    app), and the SIGTERM handler is put back."""
+    import os
+    import signal
+    import threading
+
     from sarl.platform import cluster
     from sarl.platform.serve import deployment as serve_module
 
@@ -102,16 +109,25 @@ def test_serve_ctrl_c_deletes_only_its_own_application(monkeypatch: pytest.Monke
         def shutdown(self) -> None:
             calls.append(("shutdown",))
 
-    def interrupted(_seconds: float) -> None:
-        raise KeyboardInterrupt
+    def deployed_then(signum: int):
+        def deploy(args, config=None) -> str:  # the signal comes while serve_forever waits
+            threading.Timer(0.3, os.kill, (os.getpid(), signum)).start()
+            return "http://127.0.0.1:8000"
+        return deploy
 
     monkeypatch.setattr(cluster, "init_ray", lambda address=None: None)
-    monkeypatch.setattr(serve_module, "deploy", lambda args, config=None: "http://127.0.0.1:8000")
     monkeypatch.setattr(serve_module, "serve", FakeServe())
-    monkeypatch.setattr(serve_module.time, "sleep", interrupted)
-    config = serve_module.ServeConfig(name="sarl-team-a")
-    serve_module.serve_forever({"checkpoint": "x"}, config, address="ray://shared:10001")
-    assert calls == [("delete", "sarl-team-a")]
-    calls.clear()
-    serve_module.serve_forever({"checkpoint": "x"})
-    assert calls == [("delete", serve_module.APP_NAME)]
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a fresh process
+    try:
+        monkeypatch.setattr(serve_module, "deploy", deployed_then(signal.SIGINT))
+        serve_module.serve_forever({"checkpoint": "x"}, serve_module.ServeConfig(name="sarl-team-a"),
+                                   address="ray://shared:10001")
+        assert calls == [("delete", "sarl-team-a")]
+        calls.clear()
+        monkeypatch.setattr(serve_module, "deploy", deployed_then(signal.SIGTERM))
+        serve_module.serve_forever({"checkpoint": "x"})
+        assert calls == [("delete", serve_module.APP_NAME)]
+        assert signal.getsignal(signal.SIGTERM) is sigterm
+    finally:
+        signal.signal(signal.SIGINT, sigint)

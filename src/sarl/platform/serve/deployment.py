@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -418,15 +419,22 @@ def serve_forever(args: ServeArgs | dict, config: ServeConfig | None = None, add
     from ..cluster import init_ray
 
     init_ray(address)
+    # SIGTERM (docker stop, systemd, Kubernetes) stops it as Ctrl-C does: ray.init's handler (sys.exit) would end
+    # the process with the application still deployed. Installed before the deploy, which can take a while: a
+    # SIGTERM then deletes the application as soon as it is up. The handler only sets the event.
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     url = deploy(args, config)
     name = config.name if config else APP_NAME
-    print(f"serving on {url}: POST {url}/v1/predict, GET {url}/v1/vocabulary (Ctrl-C stops)", flush=True)
+    print(f"serving on {url}: POST {url}/v1/predict, GET {url}/v1/vocabulary (Ctrl-C or SIGTERM stops)",
+          flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        stopping.wait()
+        print(f"SIGTERM: deleting the Serve application {name!r}", flush=True)
     except KeyboardInterrupt:
         print(f"deleting the Serve application {name!r}", flush=True)
     finally:
         # Only this application: on a shared cluster (--address) serve.shutdown() would stop every app on it.
         serve.delete(name)
+        signal.signal(signal.SIGTERM, previous)
 
