@@ -5,9 +5,13 @@ of one task.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +127,24 @@ def connected_or_named(address: str | None) -> bool:
     import ray
 
     return ray.is_initialized() or bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+@contextlib.contextmanager
+def signal_handlers_kept(*signums: int) -> Iterator[None]:
+    """The handlers of ``signums`` (default SIGINT) as they were, once the block returns or raises.
+
+    Train V2's ``fit()`` installs a SIGINT handler (Ctrl-C aborts the run) and leaves it: its controller's handle
+    then outlives the run (one ``ray::TrainController`` per fit stays alive), and a later Ctrl-C (during
+    evaluation, ``sarl protocol``'s next run) is swallowed twice and then exits 0. Tune's ``fit()`` leaves its
+    SIGINT and SIGUSR1 handlers the same way (a later Ctrl-C only sets the event of a finished sweep). Only the
+    main thread has signal handlers (Tune's trials fit in threads: nothing to keep)."""
+    signums = signums or (signal.SIGINT,)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -177,10 +177,15 @@ def _pointer(cache: Path, uri: str) -> Path:
     """``<hash of the URI>.json`` (the hash its entries' names start with): the URI's last published entry, and
     the one object whose ETag says whether it is still current (the object itself, or a directory's
     ``digest.txt``; none for other directories)."""
-    return cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}.json"
+    return cache / f"{_uri_hash(uri)}.json"
 
 
-def _current_copy(cache: Path, uri: str, bucket: str) -> Path | None:
+def _uri_hash(uri: str) -> str:
+    """The first part of the names of a URI's entries and of its pointer."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:24]
+
+
+def _current_copy(cache: Path, uri: str, bucket: str, key: str, name: str) -> Path | None:
     """The published entry of ``uri`` on this node if it is still current, checked with one HEAD (a directory
     without ``digest.txt``: one listing), or whatever the store says if it cannot be reached (a warning says
     so). None when there is no entry, or the store has a newer version."""
@@ -197,8 +202,7 @@ def _current_copy(cache: Path, uri: str, bucket: str) -> Path | None:
             head = storage.head_object(bucket, check["key"], fail_fast=True)
             return entry if head is not None and head["ETag"] == check["etag"] else None
         objects = json.loads((entry / _MANIFEST).read_text())["objects"]
-        name = PurePosixPath(storage.parse_s3(uri)[1]).name or bucket
-        return entry if _versions(_plan(bucket, storage.parse_s3(uri)[1], name, fail_fast=True)) == objects else None
+        return entry if _versions(_plan(bucket, key, name, fail_fast=True)) == objects else None
     except Exception as error:  # noqa: BLE001 - only an unreachable store is answered from the copy
         if not storage.is_unreachable(error):
             raise
@@ -262,7 +266,7 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
     name = PurePosixPath(key).name or bucket
     cache = Path(cache_dir or default_cache_dir())
     cache.mkdir(parents=True, exist_ok=True)
-    current = _current_copy(cache, uri, bucket)
+    current = _current_copy(cache, uri, bucket, key, name)
     if current is not None:
         _hold(current)
         if _published(current):  # not evicted between the check and the hold
@@ -271,7 +275,7 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
     if not plan:
         raise FileNotFoundError(uri)
     version = hashlib.sha256(json.dumps(_versions(plan), sort_keys=True).encode())
-    entry = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}-{version.hexdigest()[:16]}"
+    entry = cache / f"{_uri_hash(uri)}-{version.hexdigest()[:16]}"
     _hold(entry)  # before looking: an entry seen published then stays
     if not _published(entry):
         fd = _lock(Path(str(entry) + ".lock"), fcntl.LOCK_EX)

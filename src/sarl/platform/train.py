@@ -26,17 +26,13 @@ next epoch with the same mask.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +52,7 @@ from ..model.distributed import StepTogether, global_train_stats, rank_rng_state
 from ..model.experiment import MASK_FILE, Splits, build_components, make_loader, prepare_cached, prepare_data
 from ..model.metrics import MultiLabelMetrics
 from . import storage
-from .cluster import absolute_paths, init_ray, preflight, resolve_data_uris
+from .cluster import absolute_paths, init_ray, preflight, resolve_data_uris, signal_handlers_kept
 from .feature_store import feature_cache
 from .job import JobConfig
 from .runs import JOB_FILE, REPORT_FILE, Run
@@ -253,27 +249,6 @@ def run_config(job: JobConfig, callbacks: list[Any] | None = None) -> ray.train.
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints,
                                                      checkpoint_score_attribute="val_mAP",
                                                      checkpoint_score_order="max"))
-
-
-@contextlib.contextmanager
-def signal_handlers_kept(*signums: int) -> Iterator[None]:
-    """The handlers of ``signums`` (default SIGINT) as they were, once the block returns or raises.
-
-    Train V2's ``fit()`` installs a SIGINT handler (Ctrl-C aborts the run) and leaves it: its controller's handle
-    then outlives the run (one ``ray::TrainController`` per fit stays alive), and a later Ctrl-C (during
-    evaluation, ``sarl protocol``'s next run) is swallowed twice and then exits 0. Tune's ``fit()`` leaves its
-    SIGINT and SIGUSR1 handlers the same way (a later Ctrl-C only sets the event of a finished sweep). Only the
-    main thread has signal handlers (Tune's trials fit in threads: nothing to keep)."""
-    signums = signums or (signal.SIGINT,)
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def run_training(job: JobConfig) -> dict[str, Any]:

@@ -294,8 +294,7 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     """
     from ray import tune
 
-    from .cluster import absolute_paths, init_ray
-    from .train import signal_handlers_kept
+    from .cluster import absolute_paths, init_ray, signal_handlers_kept
 
     storage.check_writable(sweep.storage_path)
     job = to_dict(absolute_paths(from_dict(JobConfig, job)))  # trials run in their own working directories
