@@ -8,6 +8,7 @@ live in moto's S3, which both nodes reach with the keys in their own environment
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -217,19 +218,37 @@ def test_calibration_scores_on_the_worker_node_and_pushes_to_an_s3_store(trained
     assert not Path(s3_data["driver_cache"]).exists()
 
 
-def test_a_sweep_trains_on_s3_data_on_the_worker_node(s3_data, tmp_path):
-    """Item 1 for Tune: a trial's workers copy the data themselves (the trial driver's node is not theirs)."""
+def test_a_sweep_trains_on_s3_data_on_the_worker_node_and_a_stopped_trial_frees_its_resources(s3_data, tmp_path):
+    """Item 1 for Tune: a trial's workers copy the data themselves (the trial driver's node is not theirs).
+
+    Issue 18, 7b: ASHA stops the second trial (learning rate 1e-9: no better than its initial weights at the rung,
+    epoch 1, of 2) while Train runs; its controller dies with the trial, and Train's detached cleaner must remove
+    the placement group, through the State API, which it reaches at the address the job gives it. Before, a
+    stopped trial's placement group (and its CPUs) stayed until the driver ended and the cleaner spun forever."""
+    import ray
+    from ray.util import placement_group_table
+
     from sarl.model.config import from_dict, to_dict
     from sarl.platform.tune import SweepConfig, run_sweep
 
-    sweep = from_dict(SweepConfig, {"name": "sweep2n", "space": {"loss.name": {"grid": ["asl"]}}, "num_samples": 1,
-                                    "max_concurrent_trials": 1, "scheduler": {"name": "none"},
+    sweep = from_dict(SweepConfig, {"name": "sweep2n", "space": {"optim.lr": {"grid": [0.01, 1e-9]}},
+                                    "num_samples": 1, "max_concurrent_trials": 1,
+                                    "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
                                     "resources": {"num_workers": 1, "cpus_per_worker": 1.0},
                                     "storage_path": f"s3://{s3_data['bucket']}/tune",
                                     "output_dir": str(tmp_path / "results")})
-    result = run_sweep(sweep, to_dict(s3_job(s3_data, "unused", "scaling.num_workers=1")))
-    assert [t["status"] for t in result["trials"]] == ["completed"], result["trials"]
+    result = run_sweep(sweep, to_dict(s3_job(s3_data, "unused", "scaling.num_workers=1", "train.epochs=2")))
+    assert [t["status"] for t in result["trials"]] == ["completed", "stopped early"], result["trials"]
     assert not Path(s3_data["driver_cache"]).exists()
+
+    def held() -> tuple[list[str], float]:
+        live = [pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"]
+        return live, ray.cluster_resources()["CPU"] - ray.available_resources().get("CPU", 0.0)
+
+    deadline = time.monotonic() + 30  # the cleaner looks once a second
+    while held() != ([], 0.0) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert held() == ([], 0.0), held()
 
 
 # ------------------------------------------------------------------------------------------- fault injection

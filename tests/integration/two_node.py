@@ -117,7 +117,8 @@ def start(worker_cpus: int = 2, env: dict[str, str] | None = None, timeout: floa
     node_env = _node_env(env)
     store = ["--object-store-memory", str(object_store_bytes)]
     head = [_ray(), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(port), "--num-cpus", "0",
-            "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(base / "head"),
+            "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(free_port()),
+            "--disable-usage-stats", "--temp-dir", str(base / "head"),
             *store, *_ports(head=True)]
     worker = [_ray(), "start", "--block", "--address", cluster.address, "--node-ip-address", HOST,
               "--num-cpus", str(worker_cpus), "--disable-usage-stats", "--temp-dir", WORKER_TEMP_DIR,

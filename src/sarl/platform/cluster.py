@@ -46,18 +46,54 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     """Connect to ``address`` (or $RAY_ADDRESS), else start a local cluster; a no-op when already connected.
 
     Returns the dashboard's address (host:port) when this call started or joined a cluster that has one.
-    ``dashboard=False`` saves the dashboard's CPU on small machines (benchmarks); Train's placement-group
-    cleaner then logs State API warnings, as the State API is served by the dashboard.
+
+    Every task and actor of the job gets ``RAY_ADDRESS`` (the job's runtime environment): Train's detached
+    ``PlacementGroupCleaner`` asks the State API whether its controller still lives and removes the placement
+    group of a run whose controller died (a trial ASHA stopped), and without the address, where several Ray
+    instances run on one machine, it cannot find its own, so the stopped trials' resources never came back. The
+    State API is served by the dashboard: ``dashboard=False`` (benchmarks, to save its CPU on small machines)
+    leaves such placement groups until the job ends, and each cleaner running until the cluster stops.
     """
     import ray
 
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": dashboard}
-    context = ray.init(address=address, log_to_driver=True, **local,
-                       runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if address:
+        if address != "auto":
+            env["RAY_ADDRESS"] = address
+        context = ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+        return context.dashboard_url or None
+    port = _free_port()  # a local cluster's GCS port, chosen here so that its address is known before it starts
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    with _environ(RAY_GCS_SERVER_PORT=str(port)):
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True,
+                           runtime_env={"env_vars": env})
     return context.dashboard_url or None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, then as it was."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def data_sources(job: JobConfig, model_files: bool = True) -> list[tuple[str, str]]:
