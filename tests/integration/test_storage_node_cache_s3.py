@@ -140,6 +140,24 @@ def test_eviction_removes_least_recently_used_entries_never_one_in_use(s3_bucket
                                                               path_d.parent.name + ".lock", pointer])  # no lock files
 
 
+def test_a_copy_asked_in_a_holding_block_is_evictable_once_the_block_ends(s3_bucket: str, tmp_path: Path) -> None:
+    """Issue 18, 7d: a Ray task's copies (``holding()``, as evaluation tasks do) stop pinning their entries when the
+    task ends; its pooled worker process lives on. A copy the process held before the block stays held."""
+    uris = {name: f"s3://{s3_bucket}/held/{name}.bin" for name in "abc"}
+    for name, uri in uris.items():
+        storage.write_text(uri, name * 1000)
+    cache = tmp_path / "cache"
+    path_c = node_cache.local_copy(uris["c"], cache_dir=cache)  # held by this process until it exits
+    with node_cache.holding():
+        path_a = node_cache.local_copy(uris["a"], cache_dir=cache)
+        assert node_cache.local_copy(uris["c"], cache_dir=cache) == path_c
+        path_b = node_cache.local_copy(uris["b"], cache_dir=cache, max_bytes=1500)
+        assert path_a.exists() and path_b.exists()  # in use: over the bound, kept
+    node_cache.local_copy(uris["c"], cache_dir=cache, max_bytes=1500)  # the task ended: a and b go, c stays
+    assert not path_a.exists() and not path_b.exists() and path_c.read_text() == "c" * 1000
+    assert entries(cache) == [path_c.parent.name]
+
+
 def test_a_new_version_gets_a_new_entry_and_the_unused_old_one_goes(s3_bucket: str, tmp_path: Path, mp) -> None:
     uri = f"s3://{s3_bucket}/vectors/words.txt"
     storage.write_text(uri, "v1")

@@ -103,7 +103,8 @@ def _evaluate_task(uri: str, job: dict[str, Any], split: str, rank: int, world: 
     if not s.use_gpu:
         torch.set_num_threads(s.torch_threads or max(1, int(s.cpus_per_worker)))
     device = torch.device("cuda" if s.use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
-    out = score_shard(node_cache.local_copy(uri), job, split, rank, world, device)  # a copy per node, once
+    with node_cache.holding():  # this pooled worker runs other tasks later: the copies stay evictable then
+        out = score_shard(node_cache.local_copy(uri), job, split, rank, world, device)  # a copy per node, once
     return {**out, "node": ray.get_runtime_context().get_node_id(), "device": str(device)}
 
 

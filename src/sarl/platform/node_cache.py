@@ -11,6 +11,7 @@ from its node's copy instead of failing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -46,6 +48,7 @@ _TRASH_PREFIX = ".trash-"
 SIDECAR_SUFFIXES = (".kv", ".model")
 _held: dict[str, int] = {}  # use-lock path -> descriptor holding a shared lock until this process exits
 _held_lock = threading.Lock()
+_scopes = threading.local()  # .stack: a list per open ``holding()`` block of this thread, of the locks it took
 
 
 def cache_max_bytes() -> int | None:
@@ -86,11 +89,36 @@ def _lock(path: Path, mode: int) -> int | None:
 
 
 def _hold(entry: Path) -> None:
-    """Mark ``entry`` in use by this process (a shared lock on ``<entry>.use``, kept until the process exits)."""
+    """Mark ``entry`` in use by this process (a shared lock on ``<entry>.use``), until the process exits or, when
+    taken inside a :func:`holding` block, until that block ends."""
     path = str(entry) + ".use"
     with _held_lock:
         if path not in _held:
             _held[path] = _lock(Path(path), fcntl.LOCK_SH)
+            stack = getattr(_scopes, "stack", None)
+            if stack:
+                stack[-1].append(path)
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """Keep the entries ``local_copy`` returns inside the block in use only until it ends.
+
+    For the body of a Ray task: its worker process is pooled and runs other tasks afterwards, so a hold kept
+    until the process exits would pin the entry against eviction as long as the idle worker lives. Entries the
+    process held before the block stay held.
+    """
+    stack = _scopes.__dict__.setdefault("stack", [])
+    stack.append([])
+    try:
+        yield
+    finally:
+        taken = stack.pop()
+        with _held_lock:
+            for path in taken:
+                fd = _held.pop(path, None)
+                if fd is not None:
+                    os.close(fd)  # releases the shared lock
 
 
 def _published(entry: Path) -> bool:
@@ -247,7 +275,8 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
     - downloaders of one entry are serialised by ``<entry>.lock``; the first downloads into a staging directory
       and renames it into place (atomic), the others then find it published;
     - a published entry is never changed; it is in use from the moment ``local_copy`` returns it in a process
-      until that process exits (a shared lock on ``<entry>.use``);
+      until that process exits, or until the :func:`holding` block it was asked in ends (a shared lock on
+      ``<entry>.use``);
     - entries nobody uses are removed: older versions of the same URI, and the least recently used ones while the
       cache holds more than ``max_bytes`` (default ``$SARL_CACHE_MAX_BYTES``; unset: no bound). An entry is only
       removed by a process that takes its use lock exclusively without waiting, so never while in use.
