@@ -356,3 +356,46 @@ def test_a_copy_is_revalidated_with_one_head_and_used_while_the_store_is_down(s3
     storage.write_text(f"{root}/runs/ckpt/digest.txt", "sha256:two")
     second = node_cache.local_copy(f"{root}/runs/ckpt", cache_dir=cache)
     assert second != first and (second / "weights.pt").read_text() == "w2"
+
+
+# ------------------------------------------------------------------------------------------ S3 feature cache
+def test_two_machines_missing_one_feature_entry_compute_it_once(s3_bucket: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18, 10: trials of one sweep on two machines (two local mirrors, one S3 root) miss the same entry at
+    once: one computes it under the lease, the other waits and downloads it; a lease whose holder died (not
+    rewritten for LEASE_TTL_S) is taken over."""
+    import threading
+
+    from sarl.model.features import FeatureCache, key_digest
+    from sarl.platform import feature_store
+    from tests.unit.model.test_features import key_for, shapes, tiny
+
+    monkeypatch.setattr(feature_store, "POLL_S", 0.1)
+    model, ds = tiny(), shapes(n=16)
+    key = key_for(model, ds)
+    root = f"s3://{s3_bucket}/features"
+    results: dict[str, tuple] = {}
+
+    def machine(name: str) -> None:
+        cache = FeatureCache(tmp_path / name, remote=feature_store.S3FeatureStore(root))
+        results[name] = cache.get_or_compute(model, ds, key, batch_size=4)
+
+    threads = [threading.Thread(target=machine, args=(name,)) for name in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(hit for _, hit in results.values()) == [False, True], results  # one computed, one downloaded
+    one, two = (np.asarray(results[name][0].dense) for name in ("one", "two"))
+    assert np.array_equal(one, two)
+    digest = results["one"][0].path.name
+    assert not storage.exists(f"{root}/{digest}/{feature_store.LEASE_FILE}")  # released
+
+    other = key_for(model, ds, split="train")  # a machine that died holding the lease of another entry
+    dead = f"{root}/{key_digest(other)}"
+    assert storage.create_exclusive(f"{dead}/{feature_store.LEASE_FILE}", b"{}")
+    assert not storage.create_exclusive(f"{dead}/{feature_store.LEASE_FILE}", b"{}")
+    monkeypatch.setattr(feature_store, "LEASE_TTL_S", 1.0)
+    features, hit = FeatureCache(tmp_path / "three", remote=feature_store.S3FeatureStore(root)).get_or_compute(
+        model, ds, other, batch_size=4)
+    assert not hit and len(features) == 16 and storage.exists(f"{dead}/meta.json")

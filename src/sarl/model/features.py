@@ -25,6 +25,7 @@ lock file (``root/.locks/``); the first computes, the others find its entry when
 ``torch.distributed`` group the ranks compute an entry together: rank r encodes the r-th contiguous block of
 items, then the blocks are broadcast so that every rank holds (and publishes on its machine) the whole entry,
 bit for bit what one process computes. Only rank 0 takes the lock, and the group goes ahead once it holds it.
+A remote store (another level shared by machines) also serialises them: rank 0 holds its ``computing`` lease.
 
 Precision: float32 entries reproduce ``model(images)`` to 1e-5 on the logits (the same operations run; in
 practice bit for bit). Float16 rounds every feature with a relative error of at most 2**-11, which moves a
@@ -176,6 +177,11 @@ class RemoteStore(Protocol):
     def push(self, digest: str, local_dir: Path) -> None:
         """Store the complete local entry ``local_dir`` as ``digest``."""
 
+    def computing(self, digest: str) -> contextlib.AbstractContextManager[None]:
+        """Held while this process computes entry ``digest``, so that one process of all those sharing the store
+        computes it; entering returns once the store holds the entry (the caller then looks again) or this
+        process may compute it."""
+
 
 class FeatureCache:
     """Cached visual features under a local directory, one sub-directory per key digest.
@@ -219,7 +225,8 @@ class FeatureCache:
         features, where = self._lookup(key, digest)
         hit = _on_every_rank(features is not None, world)
         if not hit:
-            with self._writer_lock(digest) if rank == 0 else contextlib.nullcontext():
+            with (self._writer_lock(digest) if rank == 0 else contextlib.nullcontext(),
+                  self.remote.computing(digest) if rank == 0 and self.remote else contextlib.nullcontext()):
                 if world > 1:
                     torch.distributed.barrier()  # rank 0 holds the lock: everyone looks again
                 if features is None:

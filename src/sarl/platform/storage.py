@@ -193,6 +193,28 @@ def write_bytes(uri: Uri, data: bytes) -> None:
     s3_client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
+def create_exclusive(uri: Uri, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there; whether this call created it. One request on S3 (a
+    conditional PUT, ``If-None-Match: *``: S3, MinIO and moto refuse it with 412 when the key exists), an
+    ``O_EXCL`` open locally: of concurrent callers exactly one gets True."""
+    if not is_s3(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(uri, "xb") as fh:
+                fh.write(data)
+        except FileExistsError:
+            return False
+        return True
+    bucket, key = parse_s3(uri)
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
 def read_text(uri: Uri, encoding: str = "utf-8", fail_fast: bool = False) -> str:
     """The file at ``uri`` decoded as text (``fail_fast``: see :func:`read_bytes`)."""
     return read_bytes(uri, fail_fast=fail_fast).decode(encoding)
