@@ -85,12 +85,10 @@ def second_version(trained: Vocabulary) -> Vocabulary:
     return Vocabulary(cats, version="2")
 
 
-def serve_demo(checkpoint: str, output_dir: str | Path, image_size: int = 64) -> dict:
-    """Run steps 1-4 of the module docstring; returns what was measured (for tests and the summary)."""
-    from ray import serve
-
-    from .platform.serve import ServeConfig, deploy
-
+def serving_layout(checkpoint: str, output_dir: str | Path) -> tuple[Path, VocabStore]:
+    """``<output_dir>/serve/checkpoint`` (the served files of ``checkpoint``) and a fresh vocabulary store at
+    ``<output_dir>/serve/vocab_store`` whose version "1" is the trained vocabulary: what ``serve_configs/local.yaml``
+    and ``jobs/{predict,calibrate,complete}.yaml`` name."""
     serve_dir = Path(output_dir) / SERVE_DIR
     shutil.rmtree(serve_dir, ignore_errors=True)
     local = node_cache.local_copy(checkpoint)
@@ -101,7 +99,17 @@ def serve_demo(checkpoint: str, output_dir: str | Path, image_size: int = 64) ->
     store = VocabStore(serve_dir / "vocab_store")
     trained = Vocabulary.load(serve_dir / "checkpoint" / VOCAB_FILE)
     store.push(Vocabulary(trained.categories, version="1"))
+    return serve_dir, store
 
+
+def serve_demo(checkpoint: str, output_dir: str | Path, image_size: int = 64) -> dict:
+    """Run steps 1-4 of the module docstring; returns what was measured (for tests and the summary)."""
+    from ray import serve
+
+    from .platform.serve import ServeConfig, deploy
+
+    serve_dir, store = serving_layout(checkpoint, output_dir)
+    trained = store.load()
     print(f"\n== Ray Serve: 2 replicas on http://127.0.0.1:{PORT}, vocabulary store {store.uri}")
     url = deploy({"checkpoint": str(serve_dir / "checkpoint"), "vocab_store": store.uri},
                  ServeConfig({"host": "127.0.0.1", "port": PORT}, {}, DEPLOYMENT))

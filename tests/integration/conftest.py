@@ -15,6 +15,8 @@ A session that selects both fails the two-node tests with that explanation rathe
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -148,6 +150,9 @@ def ray_cluster(s3_server) -> Iterator[RayCluster]:
         pytest.fail("ray_cluster requested after the two-node cluster started: run the two kinds of tests in "
                     "separate pytest processes (-m 'not two_node', then -m two_node; see the module doc)")
     _local_cluster_started = True
+    # this venv's commands on the cluster's PATH, as on a cluster whose image installs sarl: `ray job submit` runs
+    # its entrypoint (`sarl ...`) in the environment of the processes this starts
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     yield RayCluster(dashboard_url=f"http://{init_ray(num_cpus=4, dashboard=True)}")
     ray.shutdown()
 

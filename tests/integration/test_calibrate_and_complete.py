@@ -94,3 +94,67 @@ def test_complete_fills_unknown_entries_keeps_annotated_ones_and_suggests(traine
     margins = [abs(float(s["score"]) - float(s["threshold"])) for s in suggested]
     assert margins == sorted(margins) and all(m < 0.15 for m in margins)  # the least settled, in order
     assert "annotated entries unchanged" in capsys.readouterr().out
+
+
+def _documented_submit_line(job_file: Path) -> str:
+    """The ``ray job submit`` line a job file's comments give."""
+    (line,) = [line for line in job_file.read_text().splitlines() if "ray job submit" in line]
+    return line.lstrip("# ").strip()
+
+
+def test_the_documented_ray_job_submit_lines_write_where_the_submitter_is(trained, ray_cluster, tmp_path):
+    """Issue 18, 3: ``jobs/{predict,calibrate,complete}.yaml``'s ``ray job submit --working-dir .`` lines, run as
+    written from a directory laid out as ``make demo`` leaves it (with a ``.gitignore`` keeping ``runs/`` out of
+    the upload, as the repository's does). The commands run in Ray's copy of that directory; their outputs must
+    land in the submitter's ``runs/``, and the store they push to be the submitter's."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sarl.demo import write_collection
+    from sarl.demo_serve import serving_layout
+
+    repo = Path(__file__).resolve().parents[2]
+    submitter = tmp_path / "project"
+    shutil.copytree(repo / "jobs", submitter / "jobs", ignore=shutil.ignore_patterns("kuberay", "*.md"))
+    (submitter / ".gitignore").write_text("runs/\n")
+    _, store = serving_layout(trained, submitter / "runs" / "demo")
+    write_collection(submitter / "runs" / "demo" / "collection", num_images=24)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    running = {}
+    for name in ("predict", "calibrate", "complete"):  # at once: each waits for its job and exits with its status
+        line = _documented_submit_line(submitter / "jobs" / f"{name}.yaml")
+        assert line.startswith("ray job submit --working-dir . -- "), line
+        command = line.replace("ray job submit", f"{ray_cli} job submit --address {ray_cluster.dashboard_url}", 1)
+        running[name] = subprocess.Popen(["sh", "-c", command], cwd=submitter, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+    logs = {name: proc.communicate(timeout=600)[0] for name, proc in running.items()}
+    for name, proc in running.items():
+        assert proc.returncode == 0, f"{name}: {logs[name][-3000:]}"
+
+    demo = submitter / "runs" / "demo"
+    summary = json.loads((demo / "predictions" / "summary.json").read_text())
+    assert summary["images"] == summary["written"] == 24
+    completed = [json.loads(line) for line in (demo / "collection" / "completed.jsonl").read_text().splitlines()]
+    assert len(completed) == 24 and (demo / "collection" / "completed-suggest.csv").is_file()
+    assert store.current_version().endswith("-calibrated"), store.current_version()
+
+
+def test_a_relative_path_in_rays_copy_of_the_working_directory_is_refused_without_sarl_base_dir(
+        tmp_path, monkeypatch, capsys):
+    """What the lines did before they set SARL_BASE_DIR: outputs went to Ray's copy and vanished. Now one line,
+    before Ray starts."""
+    import ray
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    shutil_jobs = Path(__file__).resolve().parents[2] / "jobs" / "predict.yaml"
+    (copy / "jobs").mkdir()
+    (copy / "jobs" / "predict.yaml").write_text(shutil_jobs.read_text())
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("SARL_BASE_DIR", raising=False)
+    connected = ray.is_initialized()
+    assert main(["predict", "--config", "jobs/predict.yaml"]) != 0
+    err = capsys.readouterr().err
+    assert "relative path runs/demo/serve/checkpoint" in err and "SARL_BASE_DIR" in err, err
+    assert ray.is_initialized() == connected  # refused before any cluster was started or joined

@@ -366,9 +366,10 @@ def test_two_machines_missing_one_feature_entry_compute_it_once(s3_bucket: str, 
     rewritten for LEASE_TTL_S) is taken over."""
     import threading
 
+    from tests.unit.model.test_features import key_for, shapes, tiny
+
     from sarl.model.features import FeatureCache, key_digest
     from sarl.platform import feature_store
-    from tests.unit.model.test_features import key_for, shapes, tiny
 
     monkeypatch.setattr(feature_store, "POLL_S", 0.1)
     model, ds = tiny(), shapes(n=16)

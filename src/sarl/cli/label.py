@@ -20,7 +20,7 @@ CONFIG_HELP = "YAML with any of the options below (flags override it)"
 def _predict(args: argparse.Namespace) -> int:
     from ..platform.predict import PredictError, run_predict
 
-    config = load_command(PredictConfig, args)
+    config = load_command(PredictConfig, args, ("checkpoint", "input", "output", "vocab_store"))
     try:
         summary = run_predict(config)
     except PredictError as exc:
@@ -38,7 +38,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from ..platform.complete import run_calibrate
 
-    config = load_command(CalibrateConfig, args)
+    config = load_command(CalibrateConfig, args, ("checkpoint", "vocab_store"))
     out = run_calibrate(config.checkpoint, config.vocab_store, config.data, config.version, config.min_positives,
                         make_current=not config.no_current, out_of_fold=config.out_of_fold, workers=config.workers,
                         address=config.address)
@@ -57,7 +57,7 @@ def _complete(args: argparse.Namespace) -> int:
     from ..platform.complete import CompleteError, run_complete
     from ..platform.predict import read_rows, run_predict
 
-    config = load_command(CompleteConfig, args)
+    config = load_command(CompleteConfig, args, ("checkpoint", "manifest", "output", "vocab_store", "predictions"))
     predictions = config.predictions or f"{config.output}.predictions"
     summary = run_predict(PredictConfig(checkpoint=config.checkpoint, input=config.manifest, output=predictions,
                                         vocab_store=config.vocab_store, vocab_version=config.vocab_version,

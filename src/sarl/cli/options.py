@@ -51,8 +51,10 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def load_command(section: type[T], args: argparse.Namespace) -> T:
-    """``section`` from the ``--config`` YAML (keys as the fields, ``-`` or ``_``) with the flags given on top."""
+def load_command(section: type[T], args: argparse.Namespace, paths: tuple[str, ...] = ()) -> T:
+    """``section`` from the ``--config`` YAML (keys as the fields, ``-`` or ``_``) with the flags given on top;
+    the local paths among the fields named in ``paths`` made absolute (``storage.local_path``: relative to
+    ``$SARL_BASE_DIR`` when set), once, before anything runs in other working directories or on other nodes."""
     options = load_yaml(args.config) if args.config else {}
     options = {str(k).replace("-", "_"): v for k, v in options.items()}
     flags = {name: getattr(args, name) for name in section.__pydantic_fields__ if getattr(args, name, None) is not None}
@@ -62,6 +64,13 @@ def load_command(section: type[T], args: argparse.Namespace) -> T:
     if missing:
         raise ConfigError(f"give {', '.join(flag(n) for n in missing)} (or a --config with them)")
     try:
-        return from_dict(section, values)
+        config = from_dict(section, values)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {args.config} or the flags)" if args.config else str(exc)) from None
+    from ..platform import storage
+
+    for name in paths:
+        value = getattr(config, name)
+        if value and not storage.is_s3(value):
+            setattr(config, name, str(storage.local_path(value)))
+    return config

@@ -140,10 +140,16 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     def absolute(value: str | None, must_exist: bool = False) -> str | None:
         if not value or storage.is_s3(value) or value.startswith("~") or Path(value).is_absolute():
             return value
-        return str(Path(value).resolve()) if not must_exist or Path(value).exists() else value
+        try:
+            path = storage.local_path(value)
+        except storage.StorageError:
+            if must_exist:  # in a job's copy of its working directory: a name (an open_clip tag) stays a name
+                return value
+            raise
+        return str(path) if not must_exist or path.exists() else value
 
     if not storage.is_s3(job.run.storage_path):
-        job.run.storage_path = str(Path(job.run.storage_path).expanduser().resolve())
+        job.run.storage_path = str(storage.local_path(job.run.storage_path))
     job.data.root = absolute(job.data.root)
     job.cache.root = absolute(job.cache.root)
     for key in ("word_vectors", "pretrained"):  # a name that is no file here (an open_clip tag) stays a name

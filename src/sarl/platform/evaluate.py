@@ -133,7 +133,7 @@ def score_split(uri: str, job: JobConfig, split: str, workers: int = 1, address:
 
 def absolute(uri: str | Path) -> str:
     """``uri`` as the tasks of another working directory (or node) find it: ``s3://`` as is, a path made absolute."""
-    return str(uri) if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+    return str(uri) if storage.is_s3(uri) else str(storage.local_path(uri))
 
 
 def evaluate_checkpoint(uri: str, split: str = "val", overrides: list[str] = (), workers: int = 1,

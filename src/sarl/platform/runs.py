@@ -112,7 +112,7 @@ class Run:
 
         filesystem, path = storage.pyarrow_filesystem(self.uri)
         if filesystem is None:
-            path = str(Path(path).expanduser().resolve())
+            path = str(storage.local_path(path))
         # Reading the snapshot logs, at INFO, advice meant for a controller that restarts the run.
         manager_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
         level = manager_log.level

@@ -55,6 +55,34 @@ class StorageError(RuntimeError):
     """A storage location cannot be reached or written (missing bucket, bad endpoint, no credentials)."""
 
 
+BASE_DIR_VAR = "SARL_BASE_DIR"
+
+
+def local_path(path: Uri) -> Path:
+    """A local path as the user meant it, absolute (``~`` expanded): a relative one is taken relative to
+    ``$SARL_BASE_DIR`` when that is set, else to the working directory.
+
+    ``ray job submit --working-dir .`` runs its entrypoint in Ray's temporary copy of that directory, without
+    what ``.gitignore`` leaves out (``runs/``), and deletes it later: a relative path there named files that are
+    not there, and outputs that vanished. There, without ``$SARL_BASE_DIR``, a relative path is refused
+    (``StorageError``); the jobs' documented lines set it to the submitter's directory (``env SARL_BASE_DIR="$PWD"``
+    in the entrypoint, expanded by the submitter's shell), which is right when the cluster runs on that machine.
+    """
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    base = os.environ.get(BASE_DIR_VAR)
+    if base:
+        return (Path(base).expanduser() / given).resolve()
+    cwd = Path.cwd()
+    if {"runtime_resources", "working_dir_files"} <= set(cwd.parts):
+        raise StorageError(f"relative path {path}: this command runs in Ray's temporary copy of the job's working "
+                           f"directory ({cwd}), which lacks the files .gitignore leaves out and is deleted later; "
+                           f"give an absolute path or an s3:// URI, or set {BASE_DIR_VAR} to the directory the "
+                           f"paths are relative to (ray job submit ... -- env {BASE_DIR_VAR}=\"$PWD\" sarl ...)")
+    return given.resolve()
+
+
 def is_s3(uri: Uri) -> bool:
     """Whether ``uri`` names an S3 object or prefix (``s3://...``) rather than a local path."""
     return str(uri).startswith(S3_PREFIX)

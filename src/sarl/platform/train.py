@@ -242,7 +242,7 @@ def run_config(job: JobConfig, callbacks: list[Any] | None = None) -> ray.train.
     """Where the run lives, failures tolerated, checkpoints kept; ``callbacks`` (Tune's reporter) run on the driver."""
     filesystem, path = storage.pyarrow_filesystem(job.run.storage_path)
     if filesystem is None:
-        path = str(Path(path).expanduser().resolve())
+        path = str(storage.local_path(path))
     return ray.train.RunConfig(
         name=job.run_name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks,
         failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),

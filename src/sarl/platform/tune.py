@@ -300,7 +300,7 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     job = to_dict(absolute_paths(from_dict(JobConfig, job)))  # trials run in their own working directories
     filesystem, path = storage.pyarrow_filesystem(sweep.storage_path)
     if filesystem is None:
-        path = str(Path(path).expanduser().resolve())
+        path = str(storage.local_path(path))
     experiment = f"{path.rstrip('/')}/{sweep.name}"
     requested = {"sweep": to_dict(sweep), "job": job}
     restore = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
