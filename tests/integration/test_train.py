@@ -204,28 +204,29 @@ def test_bad_input_fails_before_any_worker_starts(s3_server, override, message, 
 
 
 def test_protocol_uses_the_same_mask_for_every_method_and_writes_the_table(ray_cluster, tmp_path):
+    """The protocol on Ray Train, two runs (its seeds, proportions and tables are tested in process, in
+    tests/unit/platform/test_protocol.py): every method trains on one mask, and each run's best-on-validation
+    checkpoint is tested by the cluster's workers."""
     import numpy as np
 
     from sarl.model.data import load_mask
     from sarl.platform.protocol import run_protocol
 
     out = tmp_path / "protocol"
-    table = run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.2, 0.6], out,
+    table = run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.2], out,
                          [*SMALL, "train.epochs=2", f"run.storage_path={tmp_path / 'runs'}"])
-    assert set(table) == {"sarl", "global"} and all(set(v) == {0.2, 0.6} for v in table.values())
+    assert set(table) == {"sarl", "global"} and all(set(v) == {0.2} for v in table.values())
     markdown = (out / "table.md").read_text()
     assert "validation-selected (ours)" in markdown and "test-selected (as the peers report)" in markdown
     assert markdown.count("| sarl |") == 2
     rows = (out / "table.csv").read_text().splitlines()
-    assert rows[0] == "selection,method,20%,60%,avg,seeds" and len(rows) == 5
+    assert rows[0] == "selection,method,20%,avg,seeds" and len(rows) == 5
     assert (out / "map_vs_proportion.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
     runs = json.loads((out / "runs.json").read_text())
     for r in runs:  # the peers' number picks the best test epoch, so it can only be higher or equal
         assert len(r["curve_test_mAP"]) == 2 and r["test_selected_mAP"] == max(r["curve_test_mAP"])
         assert r["test_selected_mAP"] >= r["test_mAP"] - 1e-3
         assert r["test_mAP"] == pytest.approx(r["curve_test_mAP"][r["best_epoch"] - 1], abs=1e-3)
-    masks = {(r["method"], r["proportion"]): load_mask(f"{r['checkpoint']}/partial_labels.npz")[0] for r in runs}
-    assert np.array_equal(masks["sarl", 0.2], masks["global", 0.2])
-    assert np.array_equal(masks["sarl", 0.6], masks["global", 0.6])
-    assert not np.array_equal(masks["sarl", 0.2], masks["sarl", 0.6])
-    assert (masks["sarl", 0.2] >= 0).mean() < (masks["sarl", 0.6] >= 0).mean()
+    masks = {r["method"]: load_mask(f"{r['checkpoint']}/partial_labels.npz")[0] for r in runs}
+    assert np.array_equal(masks["sarl"], masks["global"])
+    assert 0.1 < (masks["sarl"] >= 0).mean() < 0.3  # 20% known
