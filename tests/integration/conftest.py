@@ -80,17 +80,24 @@ class S3Outage:
         _moto["server"] = server
 
     def for_seconds(self, seconds: float) -> None:
-        """An outage of ``seconds``, from a thread of its own (a request handler may ask for it)."""
+        """An outage of ``seconds`` (or until :meth:`end`), from a thread of its own (a request handler may ask
+        for it)."""
         import threading
+
+        self._ended = threading.Event()
 
         def run() -> None:
             stopped = time.time()
             self.stop()
-            time.sleep(seconds)
+            self._ended.wait(seconds)
             self.start()
             self.outages.append((stopped, time.time()))
 
         threading.Thread(target=run, daemon=True).start()
+
+    def end(self) -> None:
+        """End the running outage now."""
+        self._ended.set()
 
 
 @pytest.fixture

@@ -241,15 +241,21 @@ def test_a_staged_version_is_served_by_a_canary_and_reaches_the_fleet_only_when_
 
 
 # ------------------------------------------------------------------------------------------ store outage (S3)
-def test_the_store_stopped_during_a_reload_keeps_the_old_version_and_loads_the_new_one_when_back(
+def test_the_store_stopped_during_a_reload_keeps_the_old_version_and_a_restart_and_recovers_when_back(
         ray_cluster, checkpoints, s3_server, s3_bucket, s3_outage, monkeypatch):
-    """The first GET of version 2's file stops the endpoint for 6 s (GETs of that file answer 503 until it is back):
-    every replica keeps serving version 1 and reports the outage; when the endpoint is back they load version 2
-    without another push."""
+    """Checkpoint and vocabulary store on S3. The first GET of version 2's file stops the endpoint for 6 s (GETs of
+    that file answer 503 until it is back): every replica keeps serving version 1 and reports the outage; when the
+    endpoint is back they load version 2 without another push. Then the endpoint stops for longer and a replica is
+    killed (issue 18, 10): its replacement starts from the node's copy of the checkpoint (a warning says the store
+    is unreachable) and serves before the endpoint is back; before, it failed until then."""
     from moto.s3.responses import S3Response
     from ray import serve
 
-    app = start_app("s3fleet", checkpoints[0], f"s3://{s3_bucket}/vocab")
+    from sarl.platform import storage
+
+    checkpoint = f"s3://{s3_bucket}/checkpoints/served"
+    storage.upload_dir(checkpoints[0], checkpoint)
+    app = start_app("s3fleet", checkpoint, f"s3://{s3_bucket}/vocab")
     outage_s, gets = 6.0, []
     original = S3Response.key_response
 
@@ -284,6 +290,21 @@ def test_the_store_stopped_during_a_reload_keeps_the_old_version_and_loads_the_n
         assert loaded - back <= 2.0 + POLL_S + 5  # the backoff is capped at 2 s
         for body in vocabulary_of_each_replica(app.url).values():
             assert body["last_error"] is None
+
+        before, answering = replica_pids(app.name), set(vocabulary_of_each_replica(app.url))
+        with Client(app.url, threads=2, timeout=REQUEST_TIMEOUT_S + 20) as client:
+            s3_outage.for_seconds(60)
+            time.sleep(1.0)
+            killed_pid = next(iter(before.values()))
+            os.kill(killed_pid, signal.SIGKILL)
+            killed = time.monotonic()
+            wait_for(lambda: {r.replica for r in client.snapshot() if r.status == 200} - answering, 55)
+            serving = time.monotonic()
+            assert len(s3_outage.outages) == 1, "the endpoint came back before the new replica served"
+            assert killed_pid not in replica_pids(app.name).values()
+            s3_outage.end()
+        print(f"replica restarted during an S3 outage: serving {serving - killed:.1f} s after the kill, "
+              f"endpoint still down")
     finally:
         serve.delete("s3fleet")
 
@@ -328,9 +349,11 @@ def noise_png_pixels(seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- replica killed
 def replica_pids(app_name: str) -> dict[str, int]:
     """{actor id: pid} of the app's live Predictor replicas (Ray's state API)."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         detail=True, limit=1000)  # this cluster's, whatever else runs on the machine
     return {a.actor_id: a.pid for a in actors if a.class_name == f"ServeReplica:{app_name}:Predictor"}
 
 

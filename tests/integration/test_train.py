@@ -27,9 +27,11 @@ def job(storage_path, name, *overrides):
 
 
 def alive_actors(class_name):
+    import ray
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == class_name]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a for a in actors if a.class_name == class_name]
 
 
 def wait_until(condition, timeout):
