@@ -9,12 +9,18 @@ images (generated, 320x240, sent as raw bytes), same CPUs (``--cpus``, default a
    batching (``max_batch_size`` 32, ``batch_wait_timeout_s`` 0.01);
 3. the same deployment reconfigured to ``max_batch_size`` 1 (no batching);
 4. a plain FastAPI app in one uvicorn process, one forward per request in the threadpool (this file, run as
-   ``python bench/serve.py --plain-server PORT CHECKPOINT``).
+   ``python bench/serve.py --plain-server PORT CHECKPOINT``);
+5. and 6. the deployment's middleware, side by side: (4) with the exception handlers of the deployment and its
+   middleware as it was, Starlette's ``BaseHTTPMiddleware`` (5), or as it is, plain ASGI (``ErrorsAndMetrics``,
+   6), each on ``/v1/predict`` and on ``/v1/echo`` (the body read and checked, no image: the cost per request of
+   the HTTP path alone, where the middleware's share shows); and the two apps called in this process as ASGI, no
+   sockets: CPU microseconds per request of the app and its middleware alone, a figure other jobs on the machine
+   hardly move.
 
 HTTP modes are driven by a closed-loop client (asyncio + httpx, ``concurrency`` workers each sending its next
 request when the previous one is answered) for a warm-up and then a measured window, at concurrency 1, 8 and
 32: images/s, p50 and p99 latency, failed requests. Ratios are printed to (1) and (4), with the targets
-(2) >= 0.8x (1) at concurrency 32 and (2) >= 1.5x (4) at concurrency 32.
+(2) >= 0.8x (1) at concurrency 32 and (2) >= 1.5x (4) at concurrency 32, and (6) to (5).
 
 Hot reload: with (2) deployed and a client at concurrency 8, 20 new vocabulary versions are pushed to the store
 one after another (thresholds change, every other one adds a zero-shot category); each waits until a response
@@ -22,7 +28,8 @@ carries it. Swap latency is push to first response with that version (it include
 0.5 s here); failed requests must be 0, and no request sent after a version was served may get an older one.
 
     python bench/serve.py [--quick] [--duration S] [--concurrency 1 8 32] [--model rn50|tiny]
-    python bench/serve.py --model tiny --quick          # smoke run, about 2 minutes; the full run about 7
+    python bench/serve.py --model tiny --quick          # smoke run, about 3 minutes; the full run about 9
+    python bench/serve.py --model tiny --quick --skip raw plain serve serve1 reload   # (5) and (6) only, 1 minute
     python bench/serve.py --device cuda --cpus 16       # on a GPU machine: the targets are judged there
 """
 
@@ -56,18 +63,24 @@ from sarl.model import Category, Vocabulary, create_model
 from sarl.model.checkpoint import load_checkpoint, save_checkpoint
 from sarl.model.data.transforms import build_transforms
 from sarl.model.serving import bind_vocabulary
-from sarl.platform.serve.io import decode_image
+from sarl.platform.serve.io import decode_image, parse_predict_request
+from sarl.platform.serve.scoring import DEFAULT_MAX_PIXELS
 
 CATEGORIES = [f"category {i}" for i in range(20)]  # VOC-sized vocabulary, as bench/model_forward.py
 MODELS = {"tiny": {}, "rn50": {"pretrained": None, "semantic_source": "clip"}}  # random weights
-MAX_PIXELS = 40_000_000
 APP = "bench"
 MODES = {
     "raw": "(1) raw batched forward",
     "serve": "(2) Serve HTTP, batching",
     "serve1": "(3) Serve HTTP, no batching",
     "plain": "(4) FastAPI+uvicorn, 1 fwd/req",
+    "base": "(5) (4)+BaseHTTPMiddleware",
+    "asgi": "(6) (4)+ASGI middleware",
+    "base-echo": "(5) /v1/echo, no image",
+    "asgi-echo": "(6) /v1/echo, no image",
 }
+MIDDLEWARE_MODES = {"base": ("base", "/v1/predict"), "asgi": ("asgi", "/v1/predict"),
+                    "base-echo": ("base", "/v1/echo"), "asgi-echo": ("asgi", "/v1/echo")}  # mode: (kind, path)
 TARGETS = (("serve", "raw", 0.8), ("serve", "plain", 1.5))  # (2) >= 0.8x (1), (2) >= 1.5x (4), at concurrency 32
 _T0 = time.perf_counter()
 DEVICE = torch.device("cpu")  # --device
@@ -220,12 +233,12 @@ class Load:
 # ------------------------------------------------------------------------------------------------ (1) raw
 def raw_cell(model, bound, transform, images: list[bytes], batch: int, warmup: float, duration: float) -> Cell:
     """Decode + preprocess ``batch`` images and score them as one batch, back to back, in this process."""
-    k = 0
+    k, size = 0, model.config.image_size
 
     def step() -> float:
         nonlocal k
         start = time.perf_counter()
-        x = [transform(decode_image(images[(k + j) % len(images)], MAX_PIXELS)) for j in range(batch)]
+        x = [transform(decode_image(images[(k + j) % len(images)], DEFAULT_MAX_PIXELS, size)) for j in range(batch)]
         bound.score_list(model, x, DEVICE)  # what a replica runs: stack, copy, forward (bf16 on CUDA), copy back
         k += batch
         return time.perf_counter() - start
@@ -262,13 +275,13 @@ async def _worker(i: int, client: httpx.AsyncClient, url: str, images: list[byte
 
 
 async def drive(base_url: str, images: list[bytes], concurrency: int,
-                controller: Callable[[Load], Awaitable[None]]) -> Load:
-    """``concurrency`` closed-loop workers POSTing images to ``base_url``/v1/predict until ``controller`` returns;
+                controller: Callable[[Load], Awaitable[None]], path: str = "/v1/predict") -> Load:
+    """``concurrency`` closed-loop workers POSTing images to ``base_url`` + ``path`` until ``controller`` returns;
     in-flight requests are then answered (not cancelled), so the next run starts on an idle server."""
     load = Load()
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0), trust_env=False) as client:
-        url = f"{base_url}/v1/predict"
+        url = f"{base_url}{path}"
         workers = [asyncio.create_task(_worker(i, client, url, images, load)) for i in range(concurrency)]
         try:
             await controller(load)
@@ -292,7 +305,8 @@ def summarize(load: Load, start: float, end: float, concurrency: int) -> Cell:
     return Cell(rate, 1000 * percentile(latencies, 50), 1000 * percentile(latencies, 99), len(latencies), failed)
 
 
-def http_cell(base_url: str, images: list[bytes], concurrency: int, warmup: float, duration: float) -> Cell:
+def http_cell(base_url: str, images: list[bytes], concurrency: int, warmup: float, duration: float,
+              path: str = "/v1/predict") -> Cell:
     window: dict[str, float] = {}
 
     async def timed(_: Load) -> None:
@@ -301,7 +315,7 @@ def http_cell(base_url: str, images: list[bytes], concurrency: int, warmup: floa
         await asyncio.sleep(duration)
         window["end"] = time.perf_counter()
 
-    load = asyncio.run(drive(base_url, images, concurrency, timed))
+    load = asyncio.run(drive(base_url, images, concurrency, timed, path))
     cell = summarize(load, window["start"], window["end"], concurrency)
     errors = [r.error for r in load.records if not r.ok]
     if errors:
@@ -326,8 +340,83 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None)
 
 
 # ------------------------------------------------------------------------------------------------ (4) plain
-def plain_server(port: int, checkpoint: str, threads: int, device: str) -> None:
-    """A single-process FastAPI app: one forward per request, the forward in the threadpool (``--plain-server``)."""
+def base_http_middleware(app: FastAPI) -> None:
+    """(5): the deployment's middleware as it was before ``ErrorsAndMetrics``, the same work through Starlette's
+    ``BaseHTTPMiddleware``, for the figures side by side."""
+    from sarl.platform.serve import deployment as serving
+
+    @app.middleware("http")
+    async def errors_and_metrics(request: Request, call_next: Callable) -> object:
+        request_id = serving._request_id(request.scope)
+        request.state.request_id = request_id
+        reason = None
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001
+            status, message, reason = serving.internal_error(exc)
+            response = serving.error_response(status, message, request_id, reason)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None and request.url.path.endswith("/v1/predict"):
+            metrics.request(response.status_code, reason or getattr(request.state, "reason", None)
+                            or ("ok" if response.status_code < 400 else serving.REASONS.get(response.status_code)))
+        return response
+
+
+def with_middleware(app: FastAPI, kind: str, model_id: str) -> None:
+    """(5) ``base`` or (6) ``asgi``: the deployment's middleware, exception handlers and metrics on ``app``."""
+    from fastapi.exceptions import RequestValidationError
+
+    from sarl.platform.serve import deployment as serving
+    from sarl.platform.serve.io import RequestError
+    from sarl.platform.serve.metrics import ServeMetrics
+
+    if kind == "base":
+        base_http_middleware(app)
+    else:
+        app.add_middleware(serving.ErrorsAndMetrics)
+    app.exception_handler(RequestError)(serving._request_error)
+    app.exception_handler(RequestValidationError)(serving._validation_error)
+    app.state.metrics = ServeMetrics(model_id, "sha256:bench")  # Ray's metrics API: no-ops without a Ray worker
+
+    @app.post("/v1/echo")
+    async def echo(request: Request) -> dict:
+        image = (await parse_predict_request(request, 50 * 1024 * 1024)).image
+        return {"bytes": len(image), "request_id": request.state.request_id}
+
+
+def middleware_cost(kind: str, requests: int = 3000, concurrency: int = 8) -> float:
+    """CPU microseconds per ``POST /v1/echo`` of an app with middleware ``kind``, ``concurrency`` at a time, called
+    in this process as ASGI (no sockets, no HTTP parsing: the app and its middleware alone)."""
+    app = FastAPI()
+    with_middleware(app, kind, "bench")
+    body = make_images(1)[0]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/echo", "raw_path": b"/v1/echo", "root_path": "", "query_string": b"",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
+             "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]}
+
+    async def one() -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            assert message["type"] != "http.response.start" or message["status"] == 200, message
+
+        await app(dict(scope), receive, send)
+
+    async def run(n: int) -> None:
+        for _ in range(n // concurrency):
+            await asyncio.gather(*(one() for _ in range(concurrency)))
+
+    asyncio.run(run(requests // 10))  # warm-up
+    start = time.process_time()
+    asyncio.run(run(requests))
+    return 1e6 * (time.process_time() - start) / requests
+
+
+def plain_server(port: int, checkpoint: str, threads: int, device: str, middleware: str = "none") -> None:
+    """A single-process FastAPI app: one forward per request, the forward in the threadpool (``--plain-server``),
+    with the deployment's middleware ``base`` (5) or ``asgi`` (6)."""
     import uvicorn
     from fastapi.concurrency import run_in_threadpool
 
@@ -339,7 +428,8 @@ def plain_server(port: int, checkpoint: str, threads: int, device: str) -> None:
     categories = bound.vocabulary.categories
 
     def predict_one(data: bytes) -> dict:
-        probs = bound.score_list(model, [transform(decode_image(data, MAX_PIXELS))], torch.device(device))[0]
+        image = transform(decode_image(data, DEFAULT_MAX_PIXELS, cfg.image_size))
+        probs = bound.score_list(model, [image], torch.device(device))[0]
         rows = sorted(zip(probs, categories), key=lambda r: -r[0])
         return {"vocabulary_version": bound.version, "scores": {c.name: round(p, 6) for p, c in rows},
                 "labels": [{"name": c.name, "score": round(p, 6), "threshold": c.threshold}
@@ -347,6 +437,8 @@ def plain_server(port: int, checkpoint: str, threads: int, device: str) -> None:
 
     predict_one(make_images(1)[0])  # warm-up, as the Serve replica does
     app = FastAPI()
+    if middleware != "none":
+        with_middleware(app, middleware, "bench")
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict:
@@ -359,11 +451,12 @@ def plain_server(port: int, checkpoint: str, threads: int, device: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def start_plain(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_plain(checkpoint: Path, threads: int, middleware: str = "none") -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port), str(checkpoint),
-                                "--cpus", str(threads), "--device", DEVICE.type], env=env, stdout=subprocess.DEVNULL)
+                                "--cpus", str(threads), "--device", DEVICE.type, "--middleware", middleware],
+                               env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz", 180, process)
@@ -371,6 +464,11 @@ def start_plain(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
         stop_process(process)
         raise
     return process, url
+
+
+def stop_servers(servers: list[subprocess.Popen]) -> None:
+    while servers:
+        stop_process(servers.pop())
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -461,7 +559,8 @@ def hot_reload(base_url: str, store, images: list[bytes], swaps: int, concurrenc
 
 
 # ------------------------------------------------------------------------------------------------ report
-def report(args, results: dict[str, dict[int, Cell]], reload: dict | None, machine: list[str], seconds: float) -> None:
+def report(args, results: dict[str, dict[int, Cell]], reload: dict | None, machine: list[str], seconds: float,
+           costs: dict[str, float]) -> None:
     conc = args.concurrency
     print("\n".join(machine))
     print()
@@ -480,9 +579,10 @@ def report(args, results: dict[str, dict[int, Cell]], reload: dict | None, machi
         print(row)
     print()
     print("throughput ratios" + "".join(f" {'c=' + str(c):>8}" for c in conc))
-    pairs = [("serve", "raw"), ("serve1", "raw"), ("plain", "raw"), ("serve", "plain"), ("serve1", "plain")]
+    pairs = [("serve", "raw"), ("serve1", "raw"), ("plain", "raw"), ("serve", "plain"), ("serve1", "plain"),
+             ("asgi", "base"), ("asgi-echo", "base-echo")]
     for a, b in pairs:
-        row = f"{MODES[a][:3] + ' / ' + MODES[b][:3]:<17}"
+        row = f"{MODES[a][:3] + ' / ' + MODES[b][:3] + (' echo' if a.endswith('echo') else ''):<17}"
         for c in conc:
             x, y = results.get(a, {}).get(c), results.get(b, {}).get(c)
             row += f" {x.rate / y.rate:>7.2f}x" if x and y and y.rate > 0 else f" {'n/a':>8}"
@@ -494,6 +594,11 @@ def report(args, results: dict[str, dict[int, Cell]], reload: dict | None, machi
         ratio = x.rate / y.rate if x and y and y.rate > 0 else math.nan
         mark = "PASS" if ratio >= target else "MISS"
         print(f"target {MODES[a][:3]} >= {target}x {MODES[b][:3]} at concurrency {at}: {ratio:.2f}x  {mark}")
+    if costs:
+        print()
+        print(f"middleware per request, in this process (POST /v1/echo as ASGI calls, 8 at a time, CPU time): "
+              f"(5) BaseHTTPMiddleware {costs['base']:.0f} us, (6) ASGI middleware {costs['asgi']:.0f} us, "
+              f"{costs['base'] / costs['asgi']:.2f}x")
     if reload is not None:
         r = reload
         print()
@@ -517,6 +622,9 @@ def report(args, results: dict[str, dict[int, Cell]], reload: dict | None, machi
     print(f"  - (2) and (3): one replica with num_cpus={args.cpus}, max_ongoing_requests 64; (2) max_batch_size "
           f"{args.max_batch_size}, batch_wait_timeout_s {args.batch_wait}; (3) max_batch_size 1; Serve's logs go to "
           "files only (RAY_SERVE_LOG_TO_STDERR=0)")
+    print("  - (5) and (6): (4)'s server with the deployment's exception handlers and metrics, its middleware as "
+          "BaseHTTPMiddleware (5, as it was) or plain ASGI (6, ErrorsAndMetrics); /v1/echo: the body read and "
+          "checked, no image")
     worst = OTHER_LOAD.worst()
     if worst is not None:
         clean = worst[1] < QUIET_CPUS
@@ -545,10 +653,11 @@ def measure(args, label: str, run: Callable[[], object]) -> object:
     return result
 
 
-def measure_cells(args, cells: dict[int, Cell], key: str, run: Callable[[int], Cell]) -> None:
-    for c in args.concurrency:
-        label = f"{MODES[key][:3]} c={c}"
-        cells[c] = cell = measure(args, label, lambda c=c: run(c))
+def measure_cells(args, results: dict[str, dict[int, Cell]], runs: dict[str, Callable[[int], Cell]]) -> None:
+    """Each mode of ``runs`` at each concurrency; at each, the modes one right after the other (the same load)."""
+    for c, (key, run) in ((c, kv) for c in args.concurrency for kv in runs.items()):
+        label = f"{MODES[key][:3]} {key} c={c}"
+        results[key][c] = cell = measure(args, label, lambda: run(c))  # noqa: B023 - called at once
         log(f"{MODES[key]}, concurrency {c}: {cell.rate:.2f} img/s, p50 {cell.p50_ms:.0f} ms, p99 {cell.p99_ms:.0f} "
             f"ms, {cell.failed} failed; other processes used {OTHER_LOAD.cells.get(label, math.nan):.2f} CPUs")
 
@@ -586,15 +695,17 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=3,
                         help="measure a cell again, up to this many times, when another job used the CPUs meanwhile")
     parser.add_argument("--quiet-timeout", type=float, default=300, help="longest wait for other jobs to go quiet")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "serve", "serve1", "reload"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["raw", "plain", "serve", "serve1", "reload", "middleware"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: every mode on one GPU (the Serve replica asks for it), bf16 autocast")
     parser.add_argument("--plain-server", nargs=2, metavar=("PORT", "CHECKPOINT"), help=argparse.SUPPRESS)
+    parser.add_argument("--middleware", choices=["none", "base", "asgi"], default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.plain_server:
-        plain_server(int(args.plain_server[0]), args.plain_server[1], args.cpus, args.device)
+        plain_server(int(args.plain_server[0]), args.plain_server[1], args.cpus, args.device, args.middleware)
         return
     args.duration = args.duration or (3.0 if args.quick else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 5.0)
@@ -605,7 +716,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     results: dict[str, dict[int, Cell]] = {key: {} for key in MODES}
     reload = None
-    plain = None
+    costs: dict[str, float] = {}  # middleware kind: CPU microseconds per request (middleware_cost)
+    servers: list[subprocess.Popen] = []  # plain servers running
     ray_started = False
     try:
         torch.manual_seed(0)
@@ -625,16 +737,32 @@ def main() -> None:
         model = model.to(DEVICE)
         if "raw" not in args.skip:
             bound = bind_vocabulary(model, vocabulary(1))
-            measure_cells(args, results["raw"], "raw",
-                          lambda c: raw_cell(model, bound, transform, args.images, c, args.warmup, args.duration))
+            measure_cells(args, results, {"raw": lambda c: raw_cell(model, bound, transform, args.images, c,
+                                                                    args.warmup, args.duration)})
 
         if "plain" not in args.skip:  # before Ray starts, so that its processes are not running
             plain, url = start_plain(checkpoint, args.cpus)
+            servers.append(plain)
             log(f"(4) plain FastAPI + uvicorn on {url}")
-            measure_cells(args, results["plain"], "plain",
-                          lambda c: http_cell(url, args.images, c, args.warmup, args.duration))
-            stop_process(plain)
-            plain = None
+            measure_cells(args, results, {"plain": lambda c: http_cell(url, args.images, c, args.warmup,
+                                                                       args.duration)})
+            stop_servers(servers)
+
+        if "middleware" not in args.skip:  # (5) and (6): both servers up, each cell right after the other's
+            urls = {}
+            for kind in ("base", "asgi"):
+                plain, urls[kind] = start_plain(checkpoint, args.cpus, kind)
+                servers.append(plain)
+            log(f"(5) BaseHTTPMiddleware on {urls['base']}, (6) ASGI middleware on {urls['asgi']}")
+            measure_cells(args, results, {
+                key: lambda c, url=urls[kind], path=path: http_cell(url, args.images, c, args.warmup, args.duration,
+                                                                     path)
+                for key, (kind, path) in MIDDLEWARE_MODES.items()})
+            stop_servers(servers)
+            for _ in range(3):  # alternated, the best of three each
+                for kind in ("base", "asgi"):
+                    costs[kind] = min(costs.get(kind, math.inf), middleware_cost(kind))
+            log(f"middleware per request, in this process: base {costs['base']:.0f} us, asgi {costs['asgi']:.0f} us")
 
         if not {"serve", "serve1", "reload"} <= set(args.skip):
             from sarl.platform.cluster import init_ray
@@ -650,8 +778,8 @@ def main() -> None:
             log(f"(2) Serve on {url}: {threads}")
             machine.append(f"Serve replica: {threads}")
             if "serve" not in args.skip:
-                measure_cells(args, results["serve"], "serve",
-                              lambda c: http_cell(url, args.images, c, args.warmup, args.duration))
+                measure_cells(args, results, {"serve": lambda c: http_cell(url, args.images, c, args.warmup,
+                                                                           args.duration)})
             if "reload" not in args.skip:
                 reload = measure(args, "hot reload", lambda: hot_reload(url, store, args.images, args.swaps,
                                                                        args.reload_concurrency, args.poll))
@@ -659,13 +787,12 @@ def main() -> None:
             if "serve1" not in args.skip:
                 deploy_serve(checkpoint, tmp / "store", port, args.cpus, {**user, "max_batch_size": 1})
                 log(f"(3) reconfigured to max_batch_size 1: {replica_threads()}")
-                measure_cells(args, results["serve1"], "serve1",
-                              lambda c: http_cell(url, args.images, c, args.warmup, args.duration))
-        report(args, results, reload, machine, time.perf_counter() - _T0)  # before Ray's shutdown messages
+                measure_cells(args, results, {"serve1": lambda c: http_cell(url, args.images, c, args.warmup,
+                                                                            args.duration)})
+        report(args, results, reload, machine, time.perf_counter() - _T0, costs)  # before Ray's shutdown messages
         sys.stdout.flush()
     finally:
-        if plain is not None:
-            stop_process(plain)
+        stop_servers(servers)
         if ray_started:
             import ray
             from ray import serve

@@ -28,7 +28,8 @@ from sarl.platform.vocab_store import VocabStore
 REPO = Path(__file__).resolve().parents[2]
 CARDS = ["ace", "king", "queen", "jack", "ten", "nine"]
 POLL_S = 0.5
-MAX_BODY = 1_000_000
+MAX_BODY = 1_000_000  # the session's apps: small limits, so that refusing what is over them is quick to test
+MAX_PIXELS = 40_000_000
 
 
 def free_port() -> int:
@@ -64,8 +65,8 @@ def deploy_app(name: str, checkpoint: Path | str, store_uri: str, replicas: int 
     options = {"num_replicas": replicas, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.5},
                "max_ongoing_requests": 16, "user_config": {**USER_CONFIG, **user_config}}
     http = {"host": "127.0.0.1", "port": PORT, "request_timeout_s": REQUEST_TIMEOUT_S}
-    deploy({"checkpoint": str(checkpoint), "vocab_store": store_uri, "max_body_bytes": MAX_BODY},
-           ServeConfig(http, {}, options, name=name, route_prefix=f"/{name}"))
+    deploy({"checkpoint": str(checkpoint), "vocab_store": store_uri, "max_body_bytes": MAX_BODY,
+            "max_image_pixels": MAX_PIXELS}, ServeConfig(http, {}, options, name=name, route_prefix=f"/{name}"))
 
 
 def start_app(name: str, checkpoint: Path | str, store_uri: str, replicas: int = 2, push: bool = True,
@@ -113,10 +114,12 @@ def post_image(url: str, data: bytes, **params) -> requests.Response:
 
 
 def expected_scores(checkpoint: Path, data: bytes) -> torch.Tensor:
+    """What the checkpoint gives for ``data`` in this process, decoded as a replica decodes it."""
     model = load_checkpoint(checkpoint).eval()
-    transform = build_transforms(model.config.image_size, model.config.mean, model.config.std)
+    size = model.config.image_size
+    transform = build_transforms(size, model.config.mean, model.config.std)
     with torch.no_grad():
-        return model(transform(decode_image(data, 10**8))[None]).sigmoid()[0]
+        return model(transform(decode_image(data, 10**8, size))[None]).sigmoid()[0]
 
 
 def replica_logs(app_name: str) -> str:

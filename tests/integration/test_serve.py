@@ -12,6 +12,9 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,12 +22,13 @@ import requests
 
 from sarl.model.checkpoint import checkpoint_digest
 from sarl.platform import storage
-from sarl.platform.serve import deploy, read_serve_config
+from sarl.platform.serve import deploy, read_serve_config, resolve_args
 from sarl.platform.vocab_store import VocabStore
 
 from serving import (
     CARDS,
     MAX_BODY,
+    MAX_PIXELS,
     POLL_S,
     PORT,
     REPO,
@@ -74,9 +78,11 @@ def test_real_photos_as_raw_bytes_multipart_and_base64_json(local_app, cards_voc
         as_json = requests.post(f"{local_app.url}/v1/predict", timeout=30,
                                 json={"image": base64.b64encode(data).decode(), "top_k": 2}).json()
         assert raw["scores"] == form["scores"] == as_json["scores"] and len(raw["scores"]) == 2
-        expected = expected_scores(local_app.checkpoint, data)
+        expected = expected_scores(local_app.checkpoint, data)  # decoded at reduced scale (JPEG), as served
         best = sorted(range(len(CARDS)), key=lambda i: -float(expected[i]))[:2]
         assert list(raw["scores"]) == [CARDS[i] for i in best]
+        for name, score in raw["scores"].items():
+            assert score == pytest.approx(float(expected[CARDS.index(name)]), abs=1e-5)
         assert all(label["score"] >= 0.5 for label in raw["labels"])  # each category's own threshold
 
 
@@ -121,9 +127,67 @@ def test_bad_requests_get_their_status_and_the_replica_keeps_serving(local_app, 
     body = response.json()
     assert body["status"] == status and body["error"]
     if case == "huge dimensions":
-        assert "over the limit of 40000000 pixels" in body["error"]
+        assert f"over the limit of {MAX_PIXELS} pixels" in body["error"]
     for _ in range(4):  # both replicas (the router spreads requests) still answer normally
         assert post_image(local_app.url, image).status_code == 200
+
+
+def test_oversized_uploads_under_load_each_get_their_413(local_app):
+    """50 uploads over ``max_body_bytes`` at once, by urllib (the client that once saw its connection reset instead),
+    while a client keeps predicting: each gets its 413 JSON, half refused from Content-Length before the body is
+    read, half (chunked) while it streams; no connection is reset and every prediction succeeds.
+
+    urllib sends ``Connection: close`` and writes the whole body before it reads, so the proxy closed the connection
+    right after an early 413 with the rest unread: reset, for 42 of 50 such uploads before the replica read the
+    rest first. 11 MB: what is left past the 1 MB limit must be more than loopback's socket buffers hold (at
+    1.5 MB every upload got its 413 even then)."""
+    body = b"\0" * (11 * MAX_BODY)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def upload(i: int) -> tuple[object, dict | None, float]:
+        chunked = i % 2 == 1  # an iterable body: urllib sends it chunked, without Content-Length
+        data = iter([body[j:j + 65536] for j in range(0, len(body), 65536)]) if chunked else body
+        request = urllib.request.Request(f"{local_app.url}/v1/predict", data=data, method="POST",
+                                         headers={"Content-Type": "image/jpeg"})
+        started = time.monotonic()
+        try:
+            with opener.open(request, timeout=30) as response:
+                return response.status, None, time.monotonic() - started
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), time.monotonic() - started
+        except OSError as e:  # a reset, a refused connection, a timeout
+            return repr(e), None, time.monotonic() - started
+
+    with Client(local_app.url, threads=3) as load:
+        wait_for(lambda: len(load.records) >= 6, 15)
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(upload, range(50)))
+        during = len(load.records)
+        wait_for(lambda: len(load.records) >= during + 6, 15)
+    statuses = [status for status, _, _ in results]
+    latencies = sorted(seconds for _, _, seconds in results)
+    print(f"\n50 oversized uploads under load: {statuses.count(413)} x 413, "
+          f"{sum(not isinstance(s, int) for s in statuses)} without a response; latency p50 "
+          f"{1000 * latencies[25]:.0f} ms, max {1000 * latencies[-1]:.0f} ms; {len(load.records)} predictions "
+          f"meanwhile, {sum(r.status != 200 for r in load.records)} failed")
+    assert statuses == [413] * 50, [s for s in statuses if s != 413]
+    for _, answer, _ in results:
+        assert answer["status"] == 413 and answer["reason"] == "too_large" and answer["request_id"]
+    assert [r.status for r in load.records if r.status != 200] == []
+
+
+def test_the_app_builder_checks_s3_checkpoints_and_stores(serve_checkpoint, s3_bucket):
+    """A HEAD (a one-key listing for what is missing) per file, before anything is deployed."""
+    checkpoint, store = f"s3://{s3_bucket}/runs/a/checkpoint", f"s3://{s3_bucket}/vocab"
+    with pytest.raises(FileNotFoundError, match=f"^checkpoint {checkpoint} does not exist$"):
+        resolve_args({"checkpoint": checkpoint})
+    with pytest.raises(FileNotFoundError, match="^checkpoint s3://sarl-no-such-bucket/c does not exist$"):
+        resolve_args({"checkpoint": "s3://sarl-no-such-bucket/c"})
+    storage.upload_dir(serve_checkpoint, checkpoint)
+    with pytest.raises(FileNotFoundError, match=f"^vocabulary store {store} does not exist"):
+        resolve_args({"checkpoint": checkpoint, "vocab_store": store})
+    VocabStore(store).push(first_vocabulary())
+    assert resolve_args({"checkpoint": checkpoint, "vocab_store": store}).checkpoint == checkpoint
 
 
 # ------------------------------------------------------------------------------------------------- hot reload

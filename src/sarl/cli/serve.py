@@ -7,7 +7,10 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..platform.serve import ServeConfig, read_serve_config, serve_forever, with_gpus
+    from pydantic import ValidationError
+
+    from ..platform.aliases import AliasError
+    from ..platform.serve import ServeConfig, read_serve_config, resolve_args, serve_forever, with_gpus
 
     config = read_serve_config(args.config) if args.config else ServeConfig()
     flags = {"checkpoint": args.checkpoint, "vocab_store": args.vocab_store, "word_vectors": args.word_vectors}
@@ -19,7 +22,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         config = with_gpus(config, args.gpus)
         app_args["device"] = config.args["device"]
-    serve_forever(app_args, config, args.address)
+    try:  # before Ray starts: a missing checkpoint or store is one line (FileNotFoundError: in cli.main), not a
+        # failed deployment with the Serve controller's tracebacks
+        resolved = resolve_args(app_args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
+        print(f"sarl serve: configuration error: {problems}", file=sys.stderr)
+        return 2
+    except AliasError as exc:
+        print(f"sarl serve: {exc}", file=sys.stderr)
+        return 2
+    serve_forever(resolved, config, args.address)
     return 0
 
 

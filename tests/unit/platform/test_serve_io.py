@@ -8,6 +8,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -333,31 +334,50 @@ def test_serve_config_files_validate():
         assert config.proxy_location in ("HeadOnly", "EveryNode")
         assert set(config.deployment["user_config"]) == {"max_batch_size", "batch_wait_timeout_s",
                                                          "poll_interval_s", "vocabulary_version"}
-    assert ServeArgs(checkpoint="x").max_body_bytes == 10 * 1024 * 1024
+    assert ServeArgs(checkpoint="x").max_body_bytes == 50 * 1024 * 1024
+    for name in ("local.yaml", "production.yaml"):  # the memory a replica asks for holds its body budget twice
+        config = read_serve_config(REPO / "serve_configs" / name)
+        args = ServeArgs.model_validate(config.args)
+        assert config.deployment["ray_actor_options"]["memory"] >= 2 * args.max_buffered_body_bytes + 2**30
     with pytest.raises(ValueError, match="extra"):
         ServeArgs.model_validate({"checkpoint": "x", "checkpoit": "y"})
 
 
 def test_unexpected_errors_become_json_with_the_request_id() -> None:
-    """The deployment's middleware and handlers on an app with routes that fail as a batch can."""
+    """The deployment's middleware and handlers on an app with routes that fail as a batch can; its metrics."""
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
     from fastapi.testclient import TestClient
 
     from sarl.platform.serve import deployment as serving
 
     app = FastAPI()
-    app.middleware("http")(serving._errors_and_metrics)
+    app.add_middleware(serving.ErrorsAndMetrics)
     app.exception_handler(RequestError)(serving._request_error)
+    app.exception_handler(404)(serving._http_error)
+    app.exception_handler(RequestValidationError)(serving._validation_error)
+    counted: list[tuple[int, str]] = []
+    app.state.metrics = SimpleNamespace(request=lambda status, reason: counted.append((status, reason)))
 
     @app.post("/v1/predict")
-    async def predict(kind: str) -> dict:
+    async def predict(kind: str, request: Request) -> dict:
         if kind == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if kind == "bad":
             raise RequestError(400, "cannot decode the image")
+        if kind == "busy":
+            raise RequestError(503, "this replica holds its limit of bytes of request bodies; retry shortly")
+        if kind == "ok":
+            return {"request_id": request.state.request_id}
         raise RuntimeError("secret internal detail s3://bucket/key")
 
     client = TestClient(app, raise_server_exceptions=False)
+    ok = client.post("/v1/predict", params={"kind": "ok"}, headers={"X-Request-ID": "r0"})
+    assert ok.status_code == 200 and ok.json() == {"request_id": "r0"}  # request.state.request_id, set before
+    busy = client.post("/v1/predict", params={"kind": "busy"})
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and busy.json()["reason"] == "unavailable"
+    missing = client.get("/nowhere", headers={"X-Request-ID": "r9"})
+    assert missing.status_code == 404 and missing.json()["request_id"] == "r9"
     crash = client.post("/v1/predict", params={"kind": "crash"}, headers={"X-Request-ID": "abc"})
     assert crash.status_code == 500
     assert crash.json() == {"error": crash.json()["error"], "status": 500, "reason": "internal", "request_id": "abc"}
@@ -366,3 +386,8 @@ def test_unexpected_errors_become_json_with_the_request_id() -> None:
     assert oom.status_code == 503 and oom.json()["reason"] == "out_of_memory" and len(oom.json()["request_id"]) == 32
     bad = client.post("/v1/predict", params={"kind": "bad"}, headers={"X-Request-ID": "r2"})
     assert bad.status_code == 400 and bad.json()["reason"] == "bad_request" and bad.json()["request_id"] == "r2"
+    invalid = client.post("/v1/predict")  # no kind: FastAPI's validation, answered by the exception handler
+    assert invalid.status_code == 422
+    # prediction requests only (not the 404), each with its status and reason
+    assert counted == [(200, "ok"), (503, "unavailable"), (500, "internal"), (503, "out_of_memory"),
+                       (400, "bad_request"), (422, "invalid_request")]

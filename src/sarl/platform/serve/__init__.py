@@ -1,7 +1,8 @@
 """Ray Serve: the ``sarl`` application and its parts.
 
 - ``deployment``: the ``Predictor`` deployment (HTTP routes, dynamic batching, health), ``build_app`` (the
-  ``import_path`` of Serve configs: ``sarl.platform.serve:build_app``), Serve config files and ``deploy``;
+  ``import_path`` of Serve configs: ``sarl.platform.serve:build_app``), ``resolve_args`` (the checks before
+  anything is deployed), Serve config files and ``deploy``;
 - ``io``: request bodies and image decoding, with their limits;
 - ``vocabulary``: the watcher that follows a vocabulary store and builds each new version;
 - ``metrics``: the ``sarl_*`` request metrics;
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 _DEPLOYMENT = ("APP_NAME", "Predictor", "ServeArgs", "ServeConfig", "UserConfig", "build_app", "deploy",
-               "read_serve_config", "serve_forever", "with_gpus")
+               "read_serve_config", "resolve_args", "serve_forever", "with_gpus")
 
 
 def __getattr__(name: str) -> Any:

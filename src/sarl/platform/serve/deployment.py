@@ -12,7 +12,30 @@ comes from exactly one vocabulary version, and it names it, with the model (``al
 
 A request: the body is read and checked (``io``), the image decoded on the decode pool, the batch scored
 on the forward thread (stack, copy to the device, forward, copy back: never on the event loop). Every response
-and every error is JSON with the request id; the ``sarl_*`` metrics (``metrics``) count and time it.
+and every error is JSON with the request id; the ``sarl_*`` metrics (``metrics``) count and time it (plain ASGI
+middleware, :class:`ErrorsAndMetrics`).
+
+Before any replica is built (``build_app``, ``deploy``; ``sarl serve`` before Ray starts) the checkpoint's files
+and the vocabulary store are checked (:func:`resolve_args`): a typo is one line, not a failed deployment.
+
+Memory of a replica, what its ``ray_actor_options.memory`` should ask for (``serve_configs/*.yaml`` do):
+
+- request bodies: at most ``max_buffered_body_bytes`` (256 MiB) held at once, all requests together, and as much
+  again in passing copies (a body's bytes, a base64 or multipart body's image). Each request alone may carry
+  ``max_body_bytes`` (50 MiB, a full-resolution photo), so ``max_ongoing_requests`` x ``max_body_bytes`` would be
+  1.6 GB at 32 requests and 6.4 GB at 128; a body that would go over the budget is refused with 503 (retry)
+  instead (``io.BodyBudget``);
+- decoding, one image per decode thread (``decode_threads``: the replica's CPUs): a JPEG decodes at reduced scale
+  (``Image.draft``) to at least the model's input size, under a byte a pixel of the photo at the peak; other
+  formats at full size, 8 bytes a pixel at the peak (16 with transparency, composited over white), so up to
+  0.8 GB (1.6 GB) for an image of ``max_image_pixels`` (100 M);
+- the process: torch, Ray, the model and a batch's activations (1 GB on the CPU with the tiny model; more with a
+  large one, and beside a GPU).
+
+So 3 GiB for one decode thread and a small model (``local.yaml``), 12 GiB for 4 threads and RN101 on a GPU
+(``production.yaml``); without transparent PNGs of 100 MP, much less. Serve's proxy also holds what a client sent
+until the replica reads it: requests queued for a busy deployment keep their bodies there (the deployment's
+``max_queued_requests`` bounds that queue).
 """
 
 import asyncio
@@ -33,15 +56,18 @@ import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ...model.checkpoint import IDENTITY_FILES
 from ...model.serving import BoundVocabulary
 from .. import storage
 from ..aliases import is_alias, read_alias
 from ..vocab_store import VocabStore
-from .io import RequestError, parse_predict_request
-from .scoring import ImageScorer
+from .io import BodyBudget, RequestError, parse_predict_request
+from .scoring import DEFAULT_MAX_PIXELS, ImageScorer
 from .vocabulary import VocabularyLimits, VocabularyWatcher
 
 logger = logging.getLogger("ray.serve")
@@ -50,6 +76,7 @@ APP_NAME = "sarl"
 REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large",
            415: "unsupported_media_type", 422: "invalid_request", 500: "internal", 503: "unavailable"}
 PROBE_TIMEOUT_S = 30.0  # a health probe forward slower than this marks the replica unhealthy
+DRAIN_BYTES = 64 * 1024 * 1024  # the most of an unread body read and dropped before an answer (ErrorsAndMetrics)
 
 
 class ServeArgs(BaseModel):
@@ -61,13 +88,22 @@ class ServeArgs(BaseModel):
     vocab_store: str | None = Field(None, description="vocabulary store (path or s3://); None: the checkpoint's")
     word_vectors: str | None = Field(None, description="word vectors for zero-shot categories of word-vector models")
     device: str = Field("auto", description="'auto' (CUDA when the replica has a GPU), 'cpu' or 'cuda'")
-    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0, description="refuse larger images before decoding them")
+    max_body_bytes: int = Field(50 * 1024 * 1024, gt=0, description="a larger request body is 413")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="refuse larger images before decoding them")
+    max_buffered_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="request bodies a replica holds at "
+                                         "once, all requests together; a request over it is 503 (io.BodyBudget)")
     max_categories: int = Field(VocabularyLimits.max_categories, gt=0, description="per vocabulary version")
     max_prompt_tokens: int = Field(VocabularyLimits.max_prompt_tokens, gt=2, description="per zero-shot prompt")
     decode_threads: int | None = Field(None, gt=0, description="image decoding threads; default: the replica's CPUs")
     resolved: dict | None = Field(None, description="set when the app is built: the alias's checkpoint, digest and "
                                                     "model id, so every replica of a deployment serves one model")
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> "ServeArgs":
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) is under max_body_bytes "
+                             f"({self.max_body_bytes}): a body of the largest size would always be refused")
+        return self
 
 
 class UserConfig(BaseModel):
@@ -89,11 +125,12 @@ DEFAULT_USER_CONFIG = UserConfig().model_dump()
 app = FastAPI(title="SARL multi-label prediction", version="1")
 
 
-def _request_id(request: Request) -> str:
+def _request_id(scope: Scope) -> str:
     """Serve's id of the request (the proxy's ``x-request-id``: the client's, or one it made), else a new one."""
     from ray.serve.context import _get_serve_request_context  # Serve puts the id in the replica's request context
 
-    return _get_serve_request_context().request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+    return (_get_serve_request_context().request_id or Headers(scope=scope).get("x-request-id")
+            or uuid.uuid4().hex)
 
 
 def error_response(status: int, message: str, request_id: str, reason: str | None = None,
@@ -112,30 +149,77 @@ def internal_error(exc: BaseException) -> tuple[int, str, str]:
     return 500, "internal error while scoring the image; see the replica log for the request id", "internal"
 
 
-@app.middleware("http")
-async def _errors_and_metrics(request: Request, call_next: Any) -> Any:
+class ErrorsAndMetrics:
     """Every unexpected exception becomes a JSON error with the request id (Serve's proxy puts the id in each
-    response's ``x-request-id`` header and Serve's replica log lines); counts the prediction requests."""
-    request_id = _request_id(request)
-    request.state.request_id = request_id
-    reason = None
-    try:
-        response = await call_next(request)
-    except Exception as exc:  # noqa: BLE001 - the client gets JSON, the log gets the traceback
-        status, message, reason = internal_error(exc)
-        logger.exception("request %s failed (%s)", request_id, reason)
-        response = error_response(status, message, request_id, reason)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None and request.url.path.endswith("/v1/predict"):
-        metrics.request(response.status_code, reason or getattr(request.state, "reason", None)
-                        or ("ok" if response.status_code < 400 else REASONS.get(response.status_code, "error")))
-    return response
+    response's ``x-request-id`` header and Serve's replica log lines); counts the prediction requests; reads what
+    is left of a body the app answered without reading (413, 415, 503, ...) before the answer goes out.
+
+    That last one: a client that writes its whole body before it reads (urllib, and any that sends
+    ``Connection: close``, after which the proxy's uvicorn closes the connection as soon as the answer is written)
+    had its connection reset by the unread rest instead of reading its 413 (42 of 50 uploads of 11 MB over a 1 MB
+    limit, under load). Up to ``DRAIN_BYTES`` are read and dropped, a chunk at a time, so nothing is held; past
+    that the answer goes out as it is.
+
+    Plain ASGI middleware, which sets ``request.state.request_id`` and watches the messages as they pass:
+    Starlette's ``BaseHTTPMiddleware`` (``@app.middleware("http")``) ran each request through a task group and a
+    memory stream of the response, a cost on every request (``bench/serve.py`` compares the two).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})  # what request.state reads and writes
+        state["request_id"] = request_id
+        app_state = scope["app"].state if "app" in scope else None
+        headers = Headers(scope=scope)
+        unread = (headers.get("content-length", "0") != "0"
+                  or "chunked" in headers.get("transfer-encoding", "").lower())
+        status, reason = None, None
+
+        async def received() -> Message:
+            nonlocal unread
+            message = await receive()
+            unread = unread and message["type"] == "http.request" and message.get("more_body", False)
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                dropped = 0
+                while unread and dropped <= DRAIN_BYTES:
+                    dropped += len((await received()).get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, received, watched)
+        except Exception as exc:  # noqa: BLE001 - the client gets JSON, the log gets the traceback
+            if status is not None:  # the response has started: too late for another
+                raise
+            status, message, reason = internal_error(exc)
+            logger.exception("request %s failed (%s)", request_id, reason)
+            await error_response(status, message, request_id, reason)(scope, received, watched)
+        metrics = getattr(app_state, "metrics", None)
+        if metrics is not None and status is not None and scope["path"].endswith("/v1/predict"):
+            metrics.request(status, reason or state.get("reason")
+                            or ("ok" if status < 400 else REASONS.get(status, "error")))
+
+
+app.add_middleware(ErrorsAndMetrics)
 
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
     request.state.reason = REASONS.get(exc.status, "error")
-    return error_response(exc.status, exc.message, request.state.request_id, detail=exc.detail)
+    response = error_response(exc.status, exc.message, request.state.request_id, detail=exc.detail)
+    if exc.status == 503:  # the body budget is full: a moment later it is not
+        response.headers["retry-after"] = "1"
+    return response
 
 
 @app.exception_handler(RequestValidationError)
@@ -226,6 +310,8 @@ class Predictor:
         self.forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.decode_pool = ThreadPoolExecutor(args.decode_threads or _replica_cpus(), thread_name_prefix="decode")
         self.health = ModelHealth()
+        self.bodies = BodyBudget(args.max_buffered_body_bytes)
+        self._probe: asyncio.Future | None = None  # the probe forward in flight, shared by its callers
         self.metrics = ServeMetrics(self.model_info["id"], self.model_info["digest"])
         app.state.metrics = self.metrics
         store = VocabStore(args.vocab_store, fail_fast=True) if args.vocab_store else None
@@ -258,7 +344,7 @@ class Predictor:
         if self.health.fatal:
             raise RuntimeError(f"the model's device failed: {self.health.fatal}")
         if time.monotonic() - self.health.last_ok > 10:
-            await asyncio.wait_for(self._forward([self.scorer.blank()], self.watcher.bound), PROBE_TIMEOUT_S)
+            await self._probe_forward()
 
     # ------------------------------------------------------------------------------------ vocabulary
     def _watch(self) -> None:
@@ -271,6 +357,16 @@ class Predictor:
         self.metrics.served(self.watcher.bound.version)
 
     # ------------------------------------------------------------------------------------ scoring
+    async def _probe_forward(self) -> None:
+        """A one-image forward, failed after ``PROBE_TIMEOUT_S``. Callers that come while one is in flight (load
+        balancers and kubelets polling ``/readyz``, Serve's health check) await that one: a burst of probes
+        costs one forward, not one each queued behind the others."""
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(
+                asyncio.wait_for(self._forward([self.scorer.blank()], self.watcher.bound), PROBE_TIMEOUT_S))
+            self._probe.add_done_callback(lambda _: setattr(self, "_probe", None))
+        await asyncio.shield(self._probe)  # a caller that gives up does not cancel the others' probe
+
     async def _forward(self, images: list[torch.Tensor], bound: BoundVocabulary) -> list[list[float]]:
         started = time.perf_counter()
         try:
@@ -300,13 +396,21 @@ class Predictor:
     @app.post("/v1/predict")
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1),
                       threshold: float | None = Query(None, ge=0.0, le=1.0)) -> dict:
-        parsed = await parse_predict_request(request, self.args.max_body_bytes, top_k, threshold)
-        started = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.scorer.preprocess, parsed.image)
-        self.metrics.decode.observe(time.perf_counter() - started)
+        image, top_k, threshold = await self._read_image(request, top_k, threshold)
         probs, bound = await self._score_batch((image, time.perf_counter()))
-        return _response(probs, bound, parsed.top_k, parsed.threshold, self.replica, self.model_info,
-                         request.state.request_id)
+        return _response(probs, bound, top_k, threshold, self.replica, self.model_info, request.state.request_id)
+
+    async def _read_image(self, request: Request, top_k: int | None,
+                          threshold: float | None) -> tuple[torch.Tensor, int | None, float | None]:
+        """The request's image, decoded and transformed, and its options. Its body counts against the replica's
+        body budget until then (503 over it); the bytes are dropped before the batch waits."""
+        with self.bodies.hold() as take:
+            parsed = await parse_predict_request(request, self.args.max_body_bytes, top_k, threshold, take)
+            started = time.perf_counter()
+            image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.scorer.preprocess,
+                                                                     parsed.image)
+            self.metrics.decode.observe(time.perf_counter() - started)
+        return image, parsed.top_k, parsed.threshold
 
     @app.get("/v1/vocabulary")
     def vocabulary(self) -> dict:
@@ -331,7 +435,7 @@ class Predictor:
             problem = "the model's device failed" if self.health.fatal else "the vocabulary watcher stopped"
         elif time.monotonic() - self.health.last_ok > 5:  # no batch lately: check the model answers
             try:
-                await asyncio.wait_for(self._forward([self.scorer.blank()], self.watcher.bound), PROBE_TIMEOUT_S)
+                await self._probe_forward()
             except Exception:  # noqa: BLE001 - logged; the client sees 503
                 logger.exception("readiness probe forward failed")
                 problem = "the model failed a probe forward"
@@ -342,25 +446,54 @@ class Predictor:
 
 
 def build_app(args: ServeArgs) -> serve.Application:
-    """The Serve application for ``args`` (a dict from a config file is validated into :class:`ServeArgs`).
+    """The Serve application for ``args`` (a dict from a config file is validated into :class:`ServeArgs`), after
+    :func:`resolve_args`: a missing checkpoint or store fails the build with one message, not every replica."""
+    return Predictor.bind(resolve_args(args))
 
-    Local paths are made absolute here, against the directory the app is built from, because replicas may run
-    in other working directories. An alias is resolved here too (``ServeArgs.resolved``): replicas started later
-    by autoscaling serve the same checkpoint as the others even if the alias has moved since.
+
+def resolve_args(args: ServeArgs | dict) -> ServeArgs:
+    """``args`` validated, with what the replicas need settled, and checked before any replica starts.
+
+    Local paths are made absolute, against the directory the app is built from, because replicas may run in
+    other working directories. An alias is resolved (``ServeArgs.resolved``, unless already set): replicas
+    started later by autoscaling serve the same checkpoint as the others even if the alias has moved since.
+    Then :func:`check_sources`. Raises FileNotFoundError (naming the path), ``AliasError``, ``StorageError``.
     """
-    return Predictor.bind(_resolve(args))
-
-
-def _resolve(args: ServeArgs | dict) -> ServeArgs:
     args = args.model_copy() if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     for key in ("checkpoint", "vocab_store", "word_vectors"):
         value = getattr(args, key)
         if value and not storage.is_s3(value):
-            setattr(args, key, str(Path(value).expanduser().resolve()))
-    if is_alias(args.checkpoint):
+            setattr(args, key, str(storage.local_path(value)))
+    if is_alias(args.checkpoint) and args.resolved is None:
+        if not _exists(args.checkpoint):
+            raise FileNotFoundError(f"alias {args.checkpoint} does not exist")
         record = read_alias(args.checkpoint)
         args.resolved = {k: record[k] for k in ("checkpoint", "digest", "model_id")}
+    check_sources(args)
     return args
+
+
+def check_sources(args: ServeArgs) -> None:
+    """The checkpoint (an alias's, once resolved) holds the files a replica loads, and the vocabulary store (when
+    given) exists: a HEAD or a stat each (a listing for what is missing). Else FileNotFoundError naming the path;
+    StorageError when S3 cannot be asked."""
+    checkpoint = args.resolved["checkpoint"] if args.resolved else args.checkpoint
+    missing = [name for name in IDENTITY_FILES if not _exists(storage.join(checkpoint, name))]
+    if missing:
+        alias = f" (named by the alias {args.checkpoint})" if args.resolved else ""
+        problem = (f"is not a SARL checkpoint (no {', '.join(missing)})" if _exists(checkpoint)
+                   else "does not exist")
+        raise FileNotFoundError(f"checkpoint {checkpoint}{alias} {problem}")
+    if args.vocab_store and not _exists(args.vocab_store):
+        raise FileNotFoundError(f"vocabulary store {args.vocab_store} does not exist (`sarl vocab push FILE --store "
+                                f"{args.vocab_store}` creates it)")
+
+
+def _exists(uri: str) -> bool:
+    try:
+        return storage.exists(uri)
+    except Exception as exc:  # noqa: BLE001 - botocore's: refused, unreachable, no credentials
+        raise storage.StorageError(f"cannot check {uri}: {exc}") from exc
 
 
 @dataclass
@@ -408,7 +541,7 @@ def deploy(args: ServeArgs | dict, config: ServeConfig | None = None) -> str:
     config = config or ServeConfig()
     serve.start(http_options=config.http_options,
                 **({"proxy_location": config.proxy_location} if config.proxy_location else {}))
-    serve.run(Predictor.options(**config.deployment).bind(_resolve(args)), name=config.name,
+    serve.run(Predictor.options(**config.deployment).bind(resolve_args(args)), name=config.name,
               route_prefix=config.route_prefix)
     host = config.http_options.get("host", "127.0.0.1")
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{config.http_options.get('port', 8000)}"

@@ -5,6 +5,8 @@ Kept apart from the Serve deployment so every rule about bad input is plain code
 - raw bytes (``Content-Type: image/*`` or ``application/octet-stream``), a multipart form with one file, or JSON
   ``{"image": "<base64>", "top_k": 5, "threshold": 0.3}``; anything else is 415;
 - a body over ``max_body_bytes`` is 413, refused from ``Content-Length`` before reading, or while streaming;
+- a body that would take what a replica holds of all its requests' bodies over its budget (:class:`BodyBudget`)
+  is 503 (retry), refused from ``Content-Length`` before reading, or while streaming;
 - an image whose header claims more than ``max_pixels`` pixels is 413 before any pixel is decoded (decompression
   bombs); bytes that are not an image are 400;
 - bad ``top_k`` / ``threshold`` are 422.
@@ -19,13 +21,20 @@ is decoded, and only its size counts. Converted: grayscale, 1-bit, palette and C
 or ``tRNS`` transparency) composited over white. Refused: empty or non-image bytes, truncated or corrupt data, and
 colour spaces PIL cannot turn into RGB are 400; over ``max_pixels`` is 413, from the header, before decoding. Truncated
 images are only caught while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default, False: nothing may set it.
+Given the model's input ``size``, a JPEG (or MPO) is decoded at reduced scale (``Image.draft``: libjpeg's 1/2, 1/4 or
+1/8 DCT scaling, the largest that leaves both sides at least ``size``), so a 50 MP phone photo costs what a 1 MP one
+does, in time and memory; an image under twice ``size`` on its shorter side decodes exactly as without it. Other
+formats decode at full size: 8 bytes a pixel at the peak, 16 with transparency (measured with PIL 12).
 """
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import struct
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,28 +89,71 @@ def check_options(top_k: object, threshold: object) -> tuple[int | None, float |
     return top_k, None if threshold is None else float(threshold)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) more than ``max_bytes`` without reading it all."""
+class BodyBudget:
+    """What one replica holds of request bodies, all its requests together, is at most ``limit`` bytes.
+
+    ``max_ongoing_requests`` x ``max_body_bytes`` is no bound a replica can live with (128 x 50 MB); this is. A body is
+    counted from its ``Content-Length`` before it is read (else as it streams in) until its request's :meth:`hold`
+    ends; one that would take the total over ``limit`` is refused with 503, which a client retries, rather than
+    buffered. Safe from any thread.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """``take(n)``: ``n`` more bytes for this request, RequestError 503 when over; all given back on exit."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            with self._lock:
+                if self.held + n > self.limit:
+                    raise RequestError(503, f"this replica holds its limit of {self.limit} bytes of request bodies; "
+                                            f"retry shortly")
+                self.held += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            with self._lock:
+                self.held -= taken
+
+
+async def read_body(request: Request, max_bytes: int, take: Callable[[int], None] | None = None) -> bytes:
+    """The request body, refusing (413) more than ``max_bytes`` without reading it all; ``take`` (a
+    :meth:`BodyBudget.hold`'s) counts its bytes, from ``Content-Length`` before any is read."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, f"request body of {int(declared)} bytes is over the limit of {max_bytes} bytes")
+    counted = int(declared) if declared is not None and declared.isdigit() else 0
+    if counted > max_bytes:
+        raise RequestError(413, f"request body of {counted} bytes is over the limit of {max_bytes} bytes")
+    take = take or (lambda n: None)
+    take(counted)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
             raise RequestError(413, f"request body is over the limit of {max_bytes} bytes")
+        if len(body) > counted:  # no (or a wrong) Content-Length: counted as it comes
+            take(len(body) - counted)
+            counted = len(body)
     return bytes(body)
 
 
 async def parse_predict_request(request: Request, max_bytes: int, top_k: int | None = None,
-                                threshold: float | None = None) -> PredictRequest:
-    """Image and options from any of the accepted body kinds; query-string options apply unless the JSON sets them."""
+                                threshold: float | None = None,
+                                take: Callable[[int], None] | None = None) -> PredictRequest:
+    """Image and options from any of the accepted body kinds; query-string options apply unless the JSON sets them.
+    ``take``: counts the body against a :class:`BodyBudget` (see :func:`read_body`)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     accepted = media_type.startswith("image/") or media_type in (*RAW_TYPES, JSON_TYPE, MULTIPART_TYPE, "")
     if not accepted:
         raise RequestError(415, f"unsupported media type {media_type!r}: send the image as raw bytes (image/* or "
                                 f"application/octet-stream), a multipart form file, or JSON with base64 'image'")
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, take)
     if media_type == JSON_TYPE:
         return _from_json(body, top_k, threshold)
     if media_type == MULTIPART_TYPE:
@@ -151,8 +203,9 @@ async def _from_multipart(request: Request, body: bytes) -> bytes:
     return await files[0].read()
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, size: int | None = None) -> Image.Image:
     """An RGB image from encoded bytes (see "Images" above); over ``max_pixels`` is 413 from the header, bad bytes 400.
+    ``size``: the model's input size; a JPEG is decoded at the smallest DCT scale whose sides are both at least it.
 
     Safe in worker threads: it sets no warning filter and no PIL global; the pixel limit is its own check of the
     header, whatever ``Image.MAX_IMAGE_PIXELS`` is (PIL's own check still applies on top: 413 when it refuses).
@@ -166,6 +219,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise RequestError(413, f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
         if width < 1 or height < 1:
             raise RequestError(400, f"image of {width}x{height} pixels is empty")
+        if size:
+            image.draft("RGB", (size, size))  # JPEG and MPO only (a no-op for others); keeps the mode, scales only
         image.load()  # the first frame only; truncated data raises OSError
         try:
             ImageOps.exif_transpose(image, in_place=True)

@@ -2,9 +2,10 @@
 
 An :class:`ImageScorer` holds a checkpoint's model on a device (an alias resolved, its id and digest known),
 decodes and transforms image bytes exactly as a prediction request's are (``io.decode_image``: EXIF
-orientation, colour modes, pixel limit), and scores a list of preprocessed images under a bound vocabulary
-(``BoundVocabulary.score_list``: bf16 autocast on CUDA, fp32 cosines). So an image gets the same scores from
-``POST /v1/predict`` and from a bulk run, for the same checkpoint and vocabulary version.
+orientation, colour modes, pixel limit, JPEGs decoded at reduced scale to the model's input size), and scores
+a list of preprocessed images under a bound vocabulary (``BoundVocabulary.score_list``: bf16 autocast on CUDA,
+fp32 cosines). So an image gets the same scores from ``POST /v1/predict`` and from a bulk run, for the same
+checkpoint and vocabulary version.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..aliases import served_checkpoint
 from ..word_vectors import load as load_vectors
 from .io import decode_image
 
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = 100_000_000  # full-resolution phone (48-50 MP) and camera (45-61 MP) photos pass
 
 
 def pick_device(device: str) -> torch.device:
@@ -52,7 +53,7 @@ class ImageScorer:
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Image bytes to the model's (3, H, W) input; ``io.RequestError`` (400 / 413) for bad images."""
-        return self.transform(decode_image(data, self.max_image_pixels))
+        return self.transform(decode_image(data, self.max_image_pixels, self.model.config.image_size))
 
     def blank(self) -> torch.Tensor:
         size = self.model.config.image_size
