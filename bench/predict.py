@@ -4,15 +4,24 @@ Same files (generated PNGs, 320x240), same model (``rn50`` with random weights a
 for a smoke run), same CPUs. Modes:
 
 1. the plain loop in this process: read, decode and transform each file (``ImageScorer.preprocess``, as Serve
-   does), score batches of ``--batch-size`` (``ImageScorer.score``);
+   does), score batches of ``--batch-size`` (``ImageScorer.score``), on torch threads of all ``--cpus``;
 2. ``sarl predict`` (``run_predict``) with 1 scoring actor, on a local Ray cluster of this machine's CPUs;
 3. the same with 2 scoring actors.
 
-Each mode reports images/s over the whole run (start-up included: loading the model, Ray Data's planning) and
-images/s of its steady part (the plain loop has no start-up to speak of; for (2) and (3) the run's own time
-minus the time to its first shard, which includes the actors loading the model). Ratios are to (1).
+Every mode has the machine's CPUs: an actor of (2) and (3) asks for ``--cpus`` / actors CPUs (so runs that many
+torch threads, as Ray sets them) and, on CPUs, decodes its own images (``decode_cpus`` follows ``cpus_per_actor``,
+so Ray Data fuses the two stages, as ``sarl predict`` does by default on CPU actors). Until issue 18 the bench
+gave the actors half the CPUs (1 actor: 1 CPU, 1 torch thread, against the loop's 2) and the decode tasks 0.5 CPU
+each; ``--old-shares`` runs that split again.
 
-    python bench/predict.py [--model rn50|tiny] [--images 256] [--batch-size 16]
+Each mode reports images/s over the whole run (start-up included: loading the model, Ray Data's planning) and
+images/s of its steady part: the plain loop's after loading the model; for (2) and (3), between the first shard
+written and the last one before the run's end (Ray Data hands an actor's output on about when its next task
+ends, so the end flushes a batch per actor at once). "from 1st shard" is the measure used before issue 18: the
+first shard to the end, which credited that window with the images the lag had hidden before it. Ratios are to
+(1).
+
+    python bench/predict.py [--model rn50|tiny] [--images 256] [--batch-size 16] [--cpus N] [--old-shares]
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,30 +72,37 @@ def plain_loop(checkpoint: Path, paths: list[Path], batch_size: int) -> dict[str
 
 
 def ray_predict(checkpoint: Path, folder: Path, output: Path, actors: int, batch_size: int, cpus: int,
-                shard_size: int) -> dict[str, float]:
+                shard_size: int, old_shares: bool = False) -> dict[str, float]:
     from sarl.platform.predict import PredictConfig, run_predict
 
-    first_shard: list[float] = []
-    started = time.perf_counter()
-    import threading
+    shards: list[float] = []  # when each shard file appeared
+    finished = threading.Event()
 
     def watch() -> None:
-        while not first_shard:
-            if any(output.glob("part-*")):
-                first_shard.append(time.perf_counter())
-            time.sleep(0.05)
+        while not finished.is_set():
+            shards.extend([time.perf_counter()] * (len(list(output.glob("part-*"))) - len(shards)))
+            finished.wait(0.05)
 
+    started = time.perf_counter()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    shares = {"cpus_per_actor": cpus / (2 * actors), "decode_cpus": 0.5} if old_shares else {
+        "cpus_per_actor": cpus / actors}
     summary = run_predict(PredictConfig(checkpoint=str(checkpoint), input=str(folder), output=str(output),
-                                        batch_size=batch_size, actors=actors, shard_size=shard_size,
-                                        cpus_per_actor=cpus / (2 * actors), decode_cpus=0.5, overwrite=True))
+                                        batch_size=batch_size, actors=actors, shard_size=shard_size, **shares,
+                                        overwrite=True))
     done = time.perf_counter()
-    first_shard.append(done)
+    finished.set()
+    watcher.join()
     n = summary["this_run"]["scored"]
-    steady_images = n - shard_size if n > shard_size else n
-    steady = steady_images / max(done - first_shard[0], 1e-9) if n > shard_size else float("nan")
-    return {"total": n / (done - started), "steady": steady}
+    # Ray Data hands an actor's output on about when its next task ends, so the first shard shows up one batch
+    # per actor late and the run's end flushes the rest at once: counting from the first shard to the end
+    # credits the window with images scored before it. The steady rate is taken between the first shard and the
+    # last one before the end's flush, both late by the same lag.
+    steady = shards[:-1]
+    return {"total": n / (done - started),
+            "steady": shard_size * (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 2 else float("nan"),
+            "from_first_shard": (n - shard_size) / (done - shards[0]) if len(shards) > 1 else float("nan")}
 
 
 def main() -> None:
@@ -94,6 +111,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--old-shares", action="store_true", help="the CPU shares the bench gave before issue 18")
     args = parser.parse_args()
     torch.set_num_threads(args.cpus)
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
@@ -104,8 +122,8 @@ def main() -> None:
         del model
         paths = make_files(tmp / "images", args.images)
         print(f"machine: {args.cpus} CPUs, torch {torch.__version__}; model {args.model} at "
-              f"{224 if args.model == 'rn50' else 64} px; {args.images} PNGs of 320x240; batch {args.batch_size}",
-              flush=True)
+              f"{224 if args.model == 'rn50' else 64} px; {args.images} PNGs of 320x240; batch {args.batch_size}"
+              f"{'; the old CPU shares' if args.old_shares else ''}", flush=True)
         results = {"(1) plain loop, 1 process": plain_loop(checkpoint, paths, args.batch_size)}
         import ray
 
@@ -115,13 +133,16 @@ def main() -> None:
         shard = max(args.batch_size, args.images // 8)
         for actors in (1, 2):
             results[f"({actors + 1}) sarl predict, {actors} actor{'s' if actors > 1 else ''}"] = ray_predict(
-                checkpoint, tmp / "images", tmp / f"out{actors}", actors, args.batch_size, args.cpus, shard)
+                checkpoint, tmp / "images", tmp / f"out{actors}", actors, args.batch_size, args.cpus, shard,
+                args.old_shares)
         ray.shutdown()
         base = results["(1) plain loop, 1 process"]
-        print(f"\n{'mode':<30} {'images/s':>9} {'ratio':>6}   {'steady images/s':>15} {'ratio':>6}")
+        print(f"\n{'mode':<30} {'images/s':>9} {'ratio':>6}   {'steady images/s':>15} {'ratio':>6}   "
+              f"{'from 1st shard':>14} {'ratio':>6}")
         for name, r in results.items():
+            first = r.get("from_first_shard", base["steady"])
             print(f"{name:<30} {r['total']:>9.2f} {r['total'] / base['total']:>5.2f}x   {r['steady']:>15.2f} "
-                  f"{r['steady'] / base['steady']:>5.2f}x")
+                  f"{r['steady'] / base['steady']:>5.2f}x   {first:>14.2f} {first / base['steady']:>5.2f}x")
         sys.stdout.flush()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

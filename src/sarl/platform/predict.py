@@ -4,12 +4,15 @@
                  [--vocab-store URI [--vocab-version V]] [--format parquet|jsonl] [--overwrite]
 
 The pipeline: the image paths (a folder or an ``s3://`` prefix, recursively, by image suffix; or a manifest's
-``path`` column, relative to the manifest) -> read and decode on CPU tasks (``serve.io.decode_image`` and the
-model's transform, as for a request) -> score in an actor pool that loads the model once per actor
-(``ActorPoolStrategy``; a GPU per actor when the cluster has GPUs) with ``scoring.ImageScorer``, Serve's code:
-an image's scores equal ``POST /v1/predict``'s for the same checkpoint and vocabulary version. The driver reads
-the checkpoint's small files only (model.json, vocabulary.json, digest.txt: ``aliases.identify``); each actor
-copies the weights on its own node and checks them against the digest.
+``path`` column, relative to the manifest) -> read, decode and resize on CPU tasks (``serve.io.decode_image`` and
+the geometric part of the model's transform, as for a request) -> uint8 images -> score in an actor pool that
+loads the model once per actor, normalises on its device and scores with ``scoring.ImageScorer``, Serve's code: an
+image's scores equal ``POST /v1/predict``'s for the same checkpoint and vocabulary version. The pool
+(``ActorPoolStrategy``) starts with ``min_actors`` and grows to ``max_actors`` while images wait; a GPU per actor
+when the cluster has or can add GPU nodes (:func:`stage_resources`); beside CPU actors, Ray Data fuses decoding into
+them. The driver reads the checkpoint's small files only (model.json, vocabulary.json, digest.txt:
+``aliases.identify``); each actor copies the weights on its own node and checks them against the digest. Local
+paths are made absolute first, against the caller's directory (the tasks and actors run in others).
 
 The output is a folder of shards, each written whole (S3 PUT, or a local write and rename) once its rows are
 scored::
@@ -27,9 +30,11 @@ its shard's rows file exists (it is written first).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
@@ -38,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from ..model.config import section
+from ..model.config import ConfigError, section
 from . import storage
 
 log = logging.getLogger("sarl.predict")
@@ -49,6 +54,7 @@ PART, ERRORS, SUMMARY = "part-{:05d}.{}", "errors-{:05d}.jsonl", "summary.json"
 RUN = "run.json"  # the model and vocabulary version of the rows, written first: a resumed run must match it
 ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
 THRESHOLDS = "thresholds.json"  # {category: threshold} of the version scored under (what `sarl complete` reads)
+IMAGES_PER_ACTOR = 1000  # the default pool's growth: an actor's start (a model load) is worth this many images
 
 
 class PredictError(ValueError):
@@ -67,15 +73,38 @@ class PredictConfig:
     vocab_version: str | None = Field(None, description="that version (default: the store's current one)")
     format: Literal[FORMATS] = Field("parquet", description="file format of the output shards")
     batch_size: int = Field(32, gt=0, description="images per forward in a scoring actor")
-    actors: int = Field(1, gt=0, description="scoring actors, each with the model loaded once")
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs, else 0")
+    min_actors: int | None = Field(None, gt=0, description="scoring actors started first, each loads the model "
+                                                           "once (default 1)")
+    max_actors: int | None = Field(None, gt=0, description="the pool grows to this many while images wait "
+                                                           f"(default: one per {IMAGES_PER_ACTOR} images to score)")
+    actors: int | None = Field(None, gt=0, description="a pool of fixed size: min_actors = max_actors = this")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs or its "
+                                                                 "autoscaler declares GPU nodes, else 0")
     cpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on CPU actors, 0 beside a GPU "
                                                                  "(decoding needs the CPUs)")
-    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    decode_cpus: float | None = Field(None, gt=0, description="CPUs per decode task (default: 1; beside CPU actors, "
+                                                             "cpus_per_actor: the actors then decode their own)")
     shard_size: int = Field(1000, gt=0, description="rows per output file")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="refuse larger images before decoding them")
+    max_image_pixels: int = Field(100_000_000, gt=0, description="refuse larger images before decoding them")
     overwrite: bool = Field(False, description="delete earlier output first")
     address: str | None = Field(None, description=ADDRESS_HELP)
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("min_actors", self.min_actors), ("max_actors", self.max_actors)) if v is not None}
+        if self.actors is not None and any(v != self.actors for v in given.values()):
+            raise ConfigError(f"actors: {self.actors} is a pool of fixed size (min_actors = max_actors = actors); "
+                              f"it cannot go with {', '.join(f'{k}: {v}' for k, v in given.items())}: give actors, "
+                              f"or min_actors and max_actors")
+        if self.min_actors and self.max_actors and self.min_actors > self.max_actors:
+            raise ConfigError(f"min_actors ({self.min_actors}) is over max_actors ({self.max_actors})")
+
+    def pool(self, images: int) -> tuple[int, int]:
+        """(min, max) scoring actors for ``images`` to score: ``actors``, or ``min_actors`` (1) to ``max_actors``
+        (default one per ``IMAGES_PER_ACTOR`` images, at least ``min_actors``: a short run starts no idle model)."""
+        if self.actors is not None:
+            return self.actors, self.actors
+        low = self.min_actors or 1
+        return low, self.max_actors or max(low, math.ceil(images / IMAGES_PER_ACTOR))
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -188,52 +217,61 @@ def _drop_orphan_errors(output: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the stages
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, mean: Any, std: Any,
-                 max_pixels: int) -> dict[str, np.ndarray]:
-    """Read and preprocess a batch of paths (a CPU task): ``image`` (N, 3, S, S) float32, and ``error`` ("" when
-    the image was read), exactly as a prediction request's image is."""
-    from ..model.data.transforms import build_transforms
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) -> dict[str, np.ndarray]:
+    """Read and resize a batch of paths (a CPU task, or in a CPU actor: :func:`stage_resources`): ``image``
+    (N, 3, S, S) uint8, and ``error`` ("" when the image was read), as a prediction request's image is before its
+    normalisation, which the scoring actor does (``transforms.build_geometry`` here, ``build_normalization``
+    there: what travels is a quarter of float32's bytes)."""
+    from ..model.data.transforms import build_geometry
     from .serve.io import RequestError, decode_image
 
-    transform = build_transforms(image_size, mean, std, train=False)
+    geometry = build_geometry(image_size, train=False)
     images, errors = [], []
     for path in batch["path"]:
         try:
-            images.append(transform(decode_image(storage.read_bytes(str(path)), max_pixels)).numpy())
+            images.append(geometry(decode_image(storage.read_bytes(str(path)), max_pixels, image_size)).numpy())
             errors.append("")
             continue
         except RequestError as e:
             errors.append(e.message)
         except OSError as e:  # unreadable file: gone, permissions, the store
             errors.append(f"cannot read: {type(e).__name__}: {e}")
-        images.append(np.zeros((3, image_size, image_size), np.float32))
+        images.append(np.zeros((3, image_size, image_size), np.uint8))
     return {"path": batch["path"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
 
 
 class Score:
-    """A scoring actor: the model loaded once (``ImageScorer``), the vocabulary bound once."""
+    """A scoring actor: the model loaded once (``ImageScorer``), the vocabulary bound once; normalises the uint8
+    images on the model's device, then scores them as ``ImageScorer.score`` does (``BoundVocabulary.score``)."""
 
     def __init__(self, checkpoint: str, resolved: dict[str, str], vocab_store: str | None,
                  vocab_version: str | None, device: str) -> None:
         import torch
 
+        from ..model.data.transforms import build_normalization
         from .serve.scoring import ImageScorer
 
-        torch.set_grad_enabled(False)
         self.scorer = ImageScorer(checkpoint, device, resolved=resolved)  # the model the driver identified
+        self.normalize = build_normalization(self.scorer.model.config.mean, self.scorer.model.config.std)
         vocabulary = self.scorer.model.vocabulary
         if vocab_store:
             from .vocab_store import VocabStore
 
             vocabulary = VocabStore(vocab_store).load(vocab_version)
-        self.bound = self.scorer.bind(vocabulary)
+        with torch.no_grad():
+            self.bound = self.scorer.bind(vocabulary)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         ok = [i for i, e in enumerate(batch["error"]) if not e]
-        images = [torch.tensor(batch["image"][i]) for i in ok]  # copies: Ray's batch arrays are read-only
-        probs = self.scorer.score(self.bound, images) if ok else []
+        probs: list[list[float]] = []
+        if ok:
+            images = torch.from_numpy(batch["image"][ok])  # a copy: Ray's batch arrays are read-only
+            if self.scorer.device.type == "cuda":  # uint8 to the GPU, as Serve's float batches go (score_list)
+                images = images.pin_memory().to(self.scorer.device, non_blocking=True)
+            with torch.inference_mode():  # not a global switch: this class also runs in the caller's process
+                probs = self.bound.score(self.scorer.model, self.normalize(images)).cpu().tolist()
         categories = self.bound.vocabulary.categories
         scores, labels = [None] * len(batch["path"]), [None] * len(batch["path"])
         for i, row in zip(ok, probs):
@@ -252,6 +290,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     from .aliases import identify
     from .cluster import init_ray
 
+    config = absolute_paths(config)
     paths = list_inputs(config.input)
     if config.overwrite:
         _clear(config.output)
@@ -272,20 +311,15 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     new_rows = new_errors = 0
     if pending:
         init_ray(config.address)
-        gpus = config.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        decode_cpus, actors = stage_resources(config, len(pending))
         ds = ray.data.from_items([{"path": p} for p in pending],
                                  override_num_blocks=max(1, min(len(pending) // config.batch_size, 200)))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": model_cfg.image_size, "mean": model_cfg.mean,
-                                                     "std": model_cfg.std, "max_pixels": config.max_image_pixels},
-                            batch_size=config.batch_size, num_cpus=config.decode_cpus)  # tasks, on every CPU
+        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": model_cfg.image_size,
+                                                     "max_pixels": config.max_image_pixels},
+                            batch_size=config.batch_size, num_cpus=decode_cpus)
         ds = ds.map_batches(Score, fn_constructor_args=(config.checkpoint, model.resolved(), config.vocab_store,
-                                                        version, "cuda" if gpus > 0 else "cpu"),
-                            batch_size=config.batch_size, num_gpus=gpus,
-                            num_cpus=config.cpus_per_actor if config.cpus_per_actor is not None else
-                            (0 if gpus > 0 else 1),
-                            compute=ray.data.ActorPoolStrategy(size=config.actors))
+                                                        version, "cuda" if actors["num_gpus"] > 0 else "cpu"),
+                            batch_size=config.batch_size, **actors)
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, str]] = []
         for batch in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
@@ -312,6 +346,55 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
                "output": config.output, "format": config.format}
     storage.write_text(storage.join(config.output, SUMMARY), json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def absolute_paths(config: PredictConfig) -> PredictConfig:
+    """``config`` with its local paths (checkpoint, vocabulary store, input, output) made absolute against this
+    process's directory: the decode tasks and scoring actors run in others (the node's, a job's working dir)."""
+    from .evaluate import absolute
+
+    return dataclasses.replace(config, **{key: absolute(value) for key in ("checkpoint", "vocab_store", "input",
+                                                                          "output")
+                                          if (value := getattr(config, key))})
+
+
+def stage_resources(config: PredictConfig, images: int) -> tuple[float, dict[str, Any]]:
+    """The CPUs of a decode task, and the scoring stage's resources for ``images`` to score: a pool of
+    ``min_actors`` that grows to ``max_actors`` while images wait (``ActorPoolStrategy``; Ray Data adds actors as
+    the cluster can place them), ``gpus_per_actor`` GPUs and ``cpus_per_actor`` CPUs each.
+
+    GPUs by default when the cluster has one, or when its autoscaler declares a node type with GPUs (the cluster
+    config an autoscaler reports to the GCS; Ray Data reads the same record): a cluster whose GPU nodes scale from
+    zero has none when the run starts, and gets GPU actors all the same, whose pending requests make the autoscaler
+    add the nodes. Where the autoscaler reports no such config, ``gpus_per_actor: 1`` does it; ``0`` keeps CPUs.
+
+    Decoding runs in CPU tasks feeding GPU actors (uint8 images through the object store). Beside CPU actors, a
+    decode task asks for the actor's CPUs, so Ray Data fuses the two stages: each actor decodes its own batches,
+    in its own process (no second process per CPU importing torch, no copy between them), and the pool's size is
+    the decoding's concurrency too. A ``decode_cpus`` other than ``cpus_per_actor`` keeps them apart.
+    """
+    import ray
+
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus() >= 1 else 0.0
+    cpus = config.cpus_per_actor if config.cpus_per_actor is not None else (0.0 if gpus > 0 else 1.0)
+    decode_cpus = config.decode_cpus or (cpus if gpus == 0 and cpus > 0 else 1.0)
+    low, high = config.pool(images)
+    return decode_cpus, {"num_gpus": gpus, "num_cpus": cpus,
+                         "compute": ray.data.ActorPoolStrategy(min_size=low, max_size=high)}
+
+
+def cluster_gpus() -> float:
+    """GPUs the cluster has now, or at most once its autoscaler has added the node types it declares."""
+    import ray
+
+    declared = 0
+    try:  # a private API (what Ray Data's autoscaler reads); when it moves, the GPUs present decide
+        declared = (ray._private.state.state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)
+    except Exception as e:  # noqa: BLE001
+        log.debug("no autoscaler cluster config: %s", e)
+    return max(float(ray.cluster_resources().get("GPU", 0)), float(declared))
 
 
 def _vocabulary(config: PredictConfig, checkpoint_vocabulary: Any) -> Any:
@@ -350,4 +433,5 @@ def read_rows(output: str, fmt: str = "parquet") -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["PredictConfig", "PredictError", "done_paths", "list_inputs", "read_rows", "run_predict"]
+__all__ = ["PredictConfig", "PredictError", "cluster_gpus", "done_paths", "list_inputs",
+           "read_rows", "run_predict", "stage_resources"]

@@ -4,6 +4,10 @@ Training: a random resized crop (scale 0.5 to 1, so most of the image and its ob
 in view: multi-label images have several objects and a tight crop would cut labelled ones
 out) and a horizontal flip. ``augment="none"`` trains on plain resized images. Evaluation:
 resize to a square ``image_size`` (no centre crop, which could drop objects near the edges).
+
+A transform is two parts, usable apart: :func:`build_geometry` (PIL image to uint8 (3, size, size)) and
+:func:`build_normalization` (uint8 to normalised float32, on any device, batched or not). ``sarl predict`` runs the
+first where images are decoded and the second beside the model, so a quarter of the bytes travel between them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ def build_transforms(
         train: training transforms (augmented unless ``augment="none"``) or evaluation ones.
         augment: ``"standard"`` (random resized crop, scale 0.5-1, plus horizontal flip) or ``"none"``.
     """
+    return v2.Compose([build_geometry(image_size, train, augment), build_normalization(mean, std)])
+
+
+def build_geometry(image_size: int, train: bool = False, augment: str = "standard") -> Callable[[Any], torch.Tensor]:
+    """The first part of :func:`build_transforms`: a PIL image (or uint8 image tensor) to uint8 (3, size, size)."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
     if int(image_size) <= 0:
@@ -46,9 +55,11 @@ def build_transforms(
     else:
         geometry = [v2.Resize((size, size), antialias=True)]
     # Geometry first: on PIL input, resizing before ToImage lets PIL shrink large photos cheaply.
-    return v2.Compose([
-        *geometry,
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ])
+    return v2.Compose([*geometry, v2.ToImage()])
+
+
+def build_normalization(mean: Sequence[float] = CLIP_MEAN,
+                        std: Sequence[float] = CLIP_STD) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The second part of :func:`build_transforms`: uint8 images (..., 3, H, W), one or a batch, on any device, to
+    float32 scaled to [0, 1] and normalised per channel; the same values as the whole transform gives."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
