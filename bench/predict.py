@@ -12,7 +12,8 @@ Every mode has the machine's CPUs: an actor of (2) and (3) asks for ``--cpus`` /
 torch threads, as Ray sets them) and, on CPUs, decodes its own images (``decode_cpus`` follows ``cpus_per_actor``,
 so Ray Data fuses the two stages, as ``sarl predict`` does by default on CPU actors). Until issue 18 the bench
 gave the actors half the CPUs (1 actor: 1 CPU, 1 torch thread, against the loop's 2) and the decode tasks 0.5 CPU
-each; ``--old-shares`` runs that split again.
+each; ``--old-shares`` runs that split again. The local cluster's workers run at niceness 0, as the loop does
+(``RAY_worker_niceness``; at Ray's default, 15, any other process on a shared machine slowed the actors only).
 
 Each mode reports images/s over the whole run (start-up included: loading the model, Ray Data's planning) and
 images/s of its steady part: the plain loop's after loading the model; for (2) and (3), between the first shard
@@ -129,6 +130,8 @@ def main() -> None:
 
         from sarl.platform.cluster import init_ray
 
+        # The actors at the loop's niceness: at Ray's default, 15, any other process on the machine slowed them.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         init_ray(num_cpus=args.cpus, dashboard=False)
         shard = max(args.batch_size, args.images // 8)
         for actors in (1, 2):
