@@ -11,13 +11,13 @@ import sys
 
 from ..model.config import ConfigError
 from ..platform.storage import StorageError
-from . import config, label, serve, train, vocab
+from . import annotate, config, label, serve, train, vocab
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarl", description="SARL: multi-label recognition with partial labels")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (train, serve, label):
+    for group in (train, serve, label, annotate):
         group.add_parsers(sub)
     vocab.add_vocab_parser(sub)
     config.add_parsers(sub)

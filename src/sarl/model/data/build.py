@@ -13,6 +13,7 @@ from typing import Any
 
 from .coco import build_coco
 from .datasets import MultiLabelDataset, check_on_bad_image
+from .label_studio import build_label_studio
 from .manifest import build_manifest
 from .nuswide import build_nuswide
 from .synthetic import SyntheticShapes
@@ -39,6 +40,7 @@ def build_synthetic(
 
 DATASET_BUILDERS: dict[str, Callable[..., MultiLabelDataset]] = {
     "coco": build_coco,
+    "label_studio": build_label_studio,
     "manifest": build_manifest,
     "nuswide": build_nuswide,
     "synthetic": build_synthetic,
