@@ -262,3 +262,24 @@ def two_node_cluster(s3_server):
         finally:
             ray.shutdown()
             two_node.stop(cluster)
+
+
+# --- Label Studio ---------------------------------------------------------------------------------------------
+# One real server per session (label_studio_server.py): started in the background when collection shows a test
+# wants it (the hook below), waited for by the fixture.
+
+from label_studio_server import pytest_collection_finish  # noqa: E402, F401  (the hook that starts it early)
+
+
+@pytest.fixture(scope="session")
+def label_studio():
+    """The session's Label Studio server: yields ``(url, token, document_root)``; skips without ``.venv-ls``."""
+    import label_studio_server
+
+    reason = label_studio_server.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        yield label_studio_server.session_server().wait()
+    finally:
+        label_studio_server.stop_session_server()

@@ -14,7 +14,7 @@ organisations) is first exchanged for a short-lived access token (``POST /api/to
 again when that expires.
 
 **Errors** are one :class:`LabelStudioError` line that names the server and the request, never the token: a wrong
-URL (connection refused, DNS), a refused token (401/403), a request Label Studio rejects (its validation
+URL (connection refused, DNS), a refused token (401), a request Label Studio rejects (its validation
 message), and a server that stops answering in the middle of a response.
 """
 
@@ -113,10 +113,10 @@ class LabelStudio:
                                    f"{_reason(exc)}") from None
         if response.status_code == 401 and auth and _is_jwt(self._token) and not refresh:
             raise _Expired
-        if response.status_code in (401, 403):
+        if response.status_code == 401:
             source = "the given token" if auth else "the personal access token"
-            raise LabelStudioError(f"Label Studio at {self.url} refused {source} ({response.status_code} on "
-                                   f"{what}): check {TOKEN_ENV}") from None
+            raise LabelStudioError(f"Label Studio at {self.url} refused {source} (401 on {what}): check "
+                                   f"{TOKEN_ENV}") from None
         if response.status_code >= 400:
             raise LabelStudioError(f"Label Studio at {self.url} refused {what}: {response.status_code} "
                                    f"{_detail(response)}") from None
