@@ -197,6 +197,8 @@ def test_s3_images_mode_from_predictions(ls_env, s3_bucket, capsys):
             s3.get_object(Bucket=s3_bucket, Key="pulled.jsonl")["Body"].read().decode().splitlines()]
     assert rows[0]["labels"] == ["circle"] and rows[0]["unknown"] == []
     assert rows[1]["unknown"] == CATEGORIES
+    report = s3.get_object(Bucket=s3_bucket, Key="pulled-conflicts.csv")["Body"].read().decode()
+    assert report.splitlines() == ["path,category,manifest_state,annotated_state,annotator,annotated_at,task"]
 
 
 def test_bad_input_gets_one_line_and_nothing_written(ls_env, collection, capsys, tmp_path):

@@ -476,8 +476,8 @@ def merge_answers(lines: list[dict[str, Any]], keys: list[str], answers: list[An
 
 def conflicts_path(output: str) -> str:
     """``<output without suffix>-conflicts.csv``, beside the output."""
-    return str(PurePosixPath(output).with_suffix("")) + "-conflicts.csv" if storage.is_s3(output) \
-        else str(Path(output).with_suffix("")) + "-conflicts.csv"
+    suffix = PurePosixPath(output).suffix  # string surgery: a Path of s3://b/k would fold the // into one
+    return (output[: -len(suffix)] if suffix else output) + "-conflicts.csv"
 
 
 def run_pull(config: AnnotatePullConfig, client: LabelStudio) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from sarl.platform.annotate import (
     ProjectKind,
     Scored,
     answers_from_export,
+    conflicts_path,
     entries_config,
     entry_tasks,
     image_sources,
@@ -201,3 +202,8 @@ def test_the_cli_lists_push_and_pull(capsys):
                               "m.jsonl", "--output", "o.jsonl"])
     assert args.annotate_command == "pull" and args.project == "p"
     assert Path(args.output).name == "o.jsonl"
+
+
+def test_the_conflict_report_lies_beside_the_output():
+    assert conflicts_path("/data/m2.jsonl") == "/data/m2-conflicts.csv"
+    assert conflicts_path("s3://bucket/round 1/m2.jsonl") == "s3://bucket/round 1/m2-conflicts.csv"
