@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The Label Studio server the tests start lives in a venv of its own: its dependencies are not Ray's.
+VENV_LS := .venv-ls
 # PyTorch wheels: pinned here so a fresh machine takes the builds that lie on its disk.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup label-studio demo test test-fast bench lint clean
 
 # The install step is scripts/install.sh, the cluster image's too (Dockerfile).
 $(BIN)/sarl: pyproject.toml scripts/install.sh
@@ -15,12 +17,18 @@ $(BIN)/sarl: pyproject.toml scripts/install.sh
 
 setup: $(BIN)/sarl
 
+$(VENV_LS)/bin/label-studio: scripts/install_label_studio.sh
+	PYTHON=$(PYTHON) sh scripts/install_label_studio.sh $(VENV_LS)
+	touch $(VENV_LS)/bin/label-studio
+
+label-studio: $(VENV_LS)/bin/label-studio
+
 demo: $(BIN)/sarl
 	$(BIN)/sarl demo
 
 # Two pytest processes: one Ray driver cannot move to a second cluster (tests/integration/conftest.py).
 # The model library's docstring examples run with the first (--doctest-modules in pyproject.toml).
-test: $(BIN)/sarl
+test: $(BIN)/sarl $(VENV_LS)/bin/label-studio
 	$(BIN)/python -m pytest tests src/sarl/model -m "not two_node"
 	$(BIN)/python -m pytest tests -m two_node
 
@@ -42,4 +50,4 @@ lint: $(BIN)/sarl
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VENV_LS) build *.egg-info src/*.egg-info

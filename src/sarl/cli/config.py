@@ -2,7 +2,8 @@
 
 Kinds: ``job`` (``jobs/*.yaml``), ``sweep`` (``jobs/sweep_*.yaml``), ``model`` (a job's ``model`` section beyond
 its ``name``), ``serve-args`` and ``user-config`` (the ``args`` and ``user_config`` of the app in a Serve config
-file), ``predict``, ``calibrate``, ``complete`` (those commands' ``--config`` files).
+file), ``predict``, ``calibrate``, ``complete``, ``annotate-push``, ``annotate-pull`` (those commands'
+``--config`` files).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ SECTIONS = {
     "predict": "sarl.platform.predict:PredictConfig",
     "calibrate": "sarl.platform.complete:CalibrateConfig",
     "complete": "sarl.platform.complete:CompleteConfig",
+    "annotate-push": "sarl.platform.annotate:AnnotatePushConfig",
+    "annotate-pull": "sarl.platform.annotate:AnnotatePullConfig",
 }
 
 
