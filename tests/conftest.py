@@ -5,6 +5,10 @@ import os
 # Hub look-ups must fail fast and offline (no retries against an unreachable host).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Train V2's controller polls its workers every 2 s (Ray's default): a run's reports, its end and its shutdown each
+# wait for a poll, about 7 s of a small test run's 22 s here. Every cluster the tests start (in-process, `ray start`
+# for the two-node test, `sarl` subprocesses) inherits this; users keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 from pathlib import Path  # noqa: E402
 
