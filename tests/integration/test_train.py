@@ -82,29 +82,27 @@ def test_train_on_local_storage_and_evaluate(ray_cluster, tmp_path, monkeypatch)
     assert two["OF1"] == pytest.approx(one["OF1"], abs=1e-3)
 
 
-def test_train_with_checkpoints_in_s3(ray_cluster, s3_bucket, tmp_path):
-    result = run_training(job(f"s3://{s3_bucket}/runs", "s3run", "run.alias=candidate"))
-    assert result["checkpoint"].startswith(f"s3://{s3_bucket}/runs/s3run/")
-    assert set(result["aliases"]) == {"best", "candidate"}
-    for name, uri in result["aliases"].items():
-        assert uri == f"s3://{s3_bucket}/runs/s3run/aliases/{name}.json"
-        assert json.loads(storage.read_text(uri))["checkpoint"] == result["checkpoint"]
-    assert epochs_reported(result) == [1, 2]
-    evaluated = evaluate_checkpoint(result["checkpoint"], "val")
-    assert evaluated["mAP"] == pytest.approx(result["metrics"]["val_mAP"], abs=1e-3)
-
-
-def test_worker_failure_in_epoch_2_is_recovered(ray_cluster, tmp_path):
-    chaos = job(tmp_path / "runs", "chaos", "train.epochs=3", "run.fail_once_at_epoch=2", "run.max_failures=1",
-                "run.keep_checkpoints=5")
+def test_worker_failure_in_epoch_2_is_recovered_from_checkpoints_in_s3(ray_cluster, s3_bucket):
+    """Checkpoints, history and aliases in S3; rank 0 fails once in epoch 2 and the restarted worker group resumes
+    from epoch 1's checkpoint, which it reads back from S3."""
+    chaos = job(f"s3://{s3_bucket}/runs", "chaos", "train.epochs=3", "run.fail_once_at_epoch=2",
+                "run.max_failures=1", "run.keep_checkpoints=5", "run.alias=candidate")
     result = run_training(chaos)
-    assert (tmp_path / "runs" / "chaos" / ".failed_once_at_epoch_2").exists()  # the failure did happen
+    run_uri = f"s3://{s3_bucket}/runs/chaos"
+    assert storage.exists(f"{run_uri}/.failed_once_at_epoch_2")  # the failure did happen
     assert epochs_reported(result) == [1, 2, 3]
-    assert [row["epoch"] for row in raw_history(tmp_path / "runs", "chaos")] == [1, 2, 3]  # as written: once each
+    assert [row["epoch"] for row in raw_history(f"s3://{s3_bucket}/runs", "chaos")] == [1, 2, 3]  # once each
     # the failed attempt's resume copy and unuploaded checkpoint went with it, and the second attempt's at its end
     left = [p.name for p in Path(tempfile.gettempdir()).iterdir()
             if p.name.startswith((scratch_prefix(chaos, "worker"), scratch_prefix(chaos, "checkpoint")))]
     assert left == []
+    assert result["checkpoint"].startswith(f"{run_uri}/")
+    assert set(result["aliases"]) == {"best", "candidate"}
+    for name, uri in result["aliases"].items():
+        assert uri == f"{run_uri}/aliases/{name}.json"
+        assert json.loads(storage.read_text(uri))["checkpoint"] == result["checkpoint"]
+    evaluated = evaluate_checkpoint(result["checkpoint"], "val")
+    assert evaluated["mAP"] == pytest.approx(result["metrics"]["val_mAP"], abs=1e-3)
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(ray_cluster, tmp_path):
