@@ -67,14 +67,17 @@ from .. import storage
 from ..aliases import is_alias, read_alias
 from ..vocab_store import VocabStore
 from .io import BodyBudget, RequestError, parse_predict_request
+from .label_studio import PREFIX as LABEL_STUDIO_PREFIX
+from .label_studio import LabelStudioArgs, LabelStudioBackend
 from .scoring import DEFAULT_MAX_PIXELS, ImageScorer
 from .vocabulary import VocabularyLimits, VocabularyWatcher
 
 logger = logging.getLogger("ray.serve")
 
 APP_NAME = "sarl"
-REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large",
-           415: "unsupported_media_type", 422: "invalid_request", 500: "internal", 503: "unavailable"}
+REASONS = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
+           413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 500: "internal",
+           502: "bad_gateway", 503: "unavailable"}
 PROBE_TIMEOUT_S = 30.0  # a health probe forward slower than this marks the replica unhealthy
 DRAIN_BYTES = 64 * 1024 * 1024  # the most of an unread body read and dropped before an answer (ErrorsAndMetrics)
 
@@ -95,6 +98,8 @@ class ServeArgs(BaseModel):
     max_categories: int = Field(VocabularyLimits.max_categories, gt=0, description="per vocabulary version")
     max_prompt_tokens: int = Field(VocabularyLimits.max_prompt_tokens, gt=2, description="per zero-shot prompt")
     decode_threads: int | None = Field(None, gt=0, description="image decoding threads; default: the replica's CPUs")
+    label_studio: LabelStudioArgs = Field(default_factory=LabelStudioArgs, description="Label Studio's ML backend "
+                                          f"protocol at {LABEL_STUDIO_PREFIX}: where task images may be fetched from")
     resolved: dict | None = Field(None, description="set when the app is built: the alias's checkpoint, digest and "
                                                     "model id, so every replica of a deployment serves one model")
 
@@ -319,6 +324,8 @@ class Predictor:
         self.watcher = VocabularyWatcher(store, self.scorer.bind(self.model.vocabulary), self.scorer.bind,
                                          self.model.vocabulary, limits, on_outcome=self.metrics.reload)
         self._refresh()  # never raises: an unreachable store leaves the checkpoint's vocabulary serving
+        self.label_studio = LabelStudioBackend(args.label_studio, args.max_body_bytes, self.bodies, self._decode,
+                                               self._score_one, lambda: self.watcher.bound, self.model_info)
         # Warm-up: the first request should not pay for lazy initialisation, and a model that cannot run on this
         # device fails the replica here, before it takes traffic.
         self.scorer.score(self.watcher.bound, [self.scorer.blank()])
@@ -397,7 +404,7 @@ class Predictor:
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1),
                       threshold: float | None = Query(None, ge=0.0, le=1.0)) -> dict:
         image, top_k, threshold = await self._read_image(request, top_k, threshold)
-        probs, bound = await self._score_batch((image, time.perf_counter()))
+        probs, bound = await self._score_one(image)
         return _response(probs, bound, top_k, threshold, self.replica, self.model_info, request.state.request_id)
 
     async def _read_image(self, request: Request, top_k: int | None,
@@ -406,11 +413,24 @@ class Predictor:
         body budget until then (503 over it); the bytes are dropped before the batch waits."""
         with self.bodies.hold() as take:
             parsed = await parse_predict_request(request, self.args.max_body_bytes, top_k, threshold, take)
-            started = time.perf_counter()
-            image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.scorer.preprocess,
-                                                                     parsed.image)
-            self.metrics.decode.observe(time.perf_counter() - started)
+            image = await self._decode(parsed.image)
         return image, parsed.top_k, parsed.threshold
+
+    async def _decode(self, data: bytes) -> torch.Tensor:
+        """Image bytes to the model's input on the decode pool (``io.RequestError`` 400 / 413 for bad images)."""
+        started = time.perf_counter()
+        image = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self.scorer.preprocess, data)
+        self.metrics.decode.observe(time.perf_counter() - started)
+        return image
+
+    async def _score_one(self, image: torch.Tensor) -> tuple[list[float], BoundVocabulary]:
+        """One decoded image through the batching queue: what ``/v1/predict`` and the Label Studio backend share."""
+        return await self._score_batch((image, time.perf_counter()))
+
+    @app.api_route(LABEL_STUDIO_PREFIX + "/{endpoint}", methods=["GET", "POST"])
+    async def label_studio_backend(self, endpoint: str, request: Request) -> dict:
+        """Label Studio's ML backend protocol (``label_studio``): health, setup, predict, webhook, versions."""
+        return await self.label_studio.handle(endpoint, request)
 
     @app.get("/v1/vocabulary")
     def vocabulary(self) -> dict:
