@@ -13,6 +13,8 @@ tests that run before it; the ``label_studio`` fixture waits for it.
   addresses allowed as S3 endpoints (moto's; Label Studio's SSRF guard refuses private subnets by default);
 - it is stopped by the id of the process group it was started in (its own session): the server and any child,
   never by name.
+
+``Annotator`` is the scripted annotator the tests answer tasks with, through the REST API the labelling UI uses.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("SARL_LABEL_STUDIO_VENV", REPO / ".venv-ls"))
@@ -155,6 +159,33 @@ def pytest_collection_finish(session) -> None:
     if any(FIXTURE in getattr(item, "fixturenames", ()) for item in session.items):
         session_server()
         session.config.add_cleanup(stop_session_server)
+
+
+class Annotator:
+    """Label Studio's API as the annotation UI uses it: read tasks, submit answers."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=30,
+                                 follow_redirects=True)  # as a browser follows a presigned S3 URL
+
+    def project(self, title: str) -> dict:
+        (project,) = [p for p in self.http.get("/api/projects", params={"page_size": 1000}).json()["results"]
+                      if p["title"] == title]
+        return project
+
+    def tasks(self, title: str) -> list[dict]:
+        response = self.http.get(f"/api/projects/{self.project(title)['id']}/export",
+                                 params={"exportType": "JSON", "download_all_tasks": "true"})
+        return sorted(response.raise_for_status().json(), key=lambda t: t["id"])
+
+    def answer(self, task_id: int, control: str, choices: list[str]) -> None:
+        result = [{"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": choices}}]
+        self.http.post(f"/api/tasks/{task_id}/annotations", json={"result": result}).raise_for_status()
+
+    def image_bytes(self, task_id: int) -> bytes:
+        """The task's image as the labelling UI loads it (Label Studio resolves storage URIs for it)."""
+        url = self.http.get(f"/api/tasks/{task_id}").raise_for_status().json()["data"]["image"]
+        return self.http.get(url).raise_for_status().content
 
 
 class CuttingProxy:

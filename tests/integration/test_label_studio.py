@@ -11,9 +11,9 @@ import uuid
 from pathlib import Path
 
 import boto3
-import httpx
 import numpy as np
 import pytest
+from label_studio_server import Annotator
 from PIL import Image
 
 from sarl.cli import main
@@ -33,33 +33,6 @@ def _sarl(capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out + out.err
-
-
-class Annotator:
-    """Label Studio's API as the annotation UI uses it: read tasks, submit answers."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Token {token}"}, timeout=30,
-                                 follow_redirects=True)  # as a browser follows a presigned S3 URL
-
-    def project(self, title: str) -> dict:
-        (project,) = [p for p in self.http.get("/api/projects", params={"page_size": 1000}).json()["results"]
-                      if p["title"] == title]
-        return project
-
-    def tasks(self, title: str) -> list[dict]:
-        response = self.http.get(f"/api/projects/{self.project(title)['id']}/export",
-                                 params={"exportType": "JSON", "download_all_tasks": "true"})
-        return sorted(response.raise_for_status().json(), key=lambda t: t["id"])
-
-    def answer(self, task_id: int, control: str, choices: list[str]) -> None:
-        result = [{"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": choices}}]
-        self.http.post(f"/api/tasks/{task_id}/annotations", json={"result": result}).raise_for_status()
-
-    def image_bytes(self, task_id: int) -> bytes:
-        """The task's image as the labelling UI loads it (Label Studio resolves storage URIs for it)."""
-        url = self.http.get(f"/api/tasks/{task_id}").raise_for_status().json()["data"]["image"]
-        return self.http.get(url).raise_for_status().content
 
 
 @pytest.fixture
