@@ -60,13 +60,27 @@ def first_vocabulary() -> Vocabulary:
     return Vocabulary([Category(n, threshold=0.5) for n in CARDS], version="1")
 
 
+LABEL_STUDIO_BUCKET = "sarl-label-studio-images"  # the bucket whose s3:// task images the session's apps may read
+
+
+def label_studio_args() -> dict:
+    """The ``label_studio`` Serve args of the session's apps, as an operator sets them: the session's Label Studio
+    server (its port is chosen when collection starts it, before any app is deployed; no server, no URL) and
+    :data:`LABEL_STUDIO_BUCKET`. Set once when the app deploys: no redeploy for the Label Studio tests."""
+    import label_studio_server
+
+    server = label_studio_server._session.get("server")
+    return {"url": server.url if server else None, "allowed_buckets": [LABEL_STUDIO_BUCKET]}
+
+
 def deploy_app(name: str, checkpoint: Path | str, store_uri: str, replicas: int = 2, **user_config) -> None:
     """Deploy (or redeploy: ``serve.run`` replaces the replicas, rolling) app ``name`` at ``/<name>``."""
     options = {"num_replicas": replicas, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.5},
                "max_ongoing_requests": 16, "user_config": {**USER_CONFIG, **user_config}}
     http = {"host": "127.0.0.1", "port": PORT, "request_timeout_s": REQUEST_TIMEOUT_S}
     deploy({"checkpoint": str(checkpoint), "vocab_store": store_uri, "max_body_bytes": MAX_BODY,
-            "max_image_pixels": MAX_PIXELS}, ServeConfig(http, {}, options, name=name, route_prefix=f"/{name}"))
+            "max_image_pixels": MAX_PIXELS, "label_studio": label_studio_args()},
+           ServeConfig(http, {}, options, name=name, route_prefix=f"/{name}"))
 
 
 def start_app(name: str, checkpoint: Path | str, store_uri: str, replicas: int = 2, push: bool = True,

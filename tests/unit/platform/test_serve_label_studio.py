@@ -94,7 +94,7 @@ def test_predictions_tick_what_is_at_or_above_each_threshold():
     images = prediction(parse_label_config(IMAGES), {"id": 1}, [0.3, 0.7], vocabulary, "m@vocabulary-2")
     assert images["result"] == [{"from_name": "categories", "to_name": "image", "type": "choices",
                                  "value": {"choices": ["ace"]}}]
-    assert images["score"] == pytest.approx((0.3 + 0.3) / 2) and images["model_version"] == "m@vocabulary-2"
+    assert images["score"] == 0.0 and images["model_version"] == "m@vocabulary-2"  # the smallest margin: ace's
     entries = parse_label_config(ENTRIES)
     king = prediction(entries, {"id": 2, "data": {"category": "king"}}, [0.3, 0.7], vocabulary, "v")
     assert king["result"][0]["value"] == {"choices": ["absent"]} and king["score"] == 0.7
@@ -271,8 +271,7 @@ async def protocol_scenario(predictor, ls: LabelStudioHost) -> None:
         served = (await predictor.predict(image_request(image), None, 0.0))["scores"]
         ticked = {c for c in ("ace", "king") if served[c] >= 0.5}  # the checkpoint's thresholds
         assert set(result["result"][0]["value"]["choices"] if result["result"] else []) == ticked
-        sure = [served[c] if c in ticked else 1 - served[c] for c in ("ace", "king")]
-        assert result["score"] == pytest.approx(sum(sure) / 2, abs=1e-6)
+        assert result["score"] == pytest.approx(min(abs(served[c] - 0.5) for c in ("ace", "king")), abs=1e-6)
 
     entries = [{"id": 21, "data": {"img": "/data/local-files/?d=a.png", "category": "king"}}]
     answers.append(await call("predict", {"tasks": entries, "label_config": ENTRIES}))

@@ -28,8 +28,8 @@ Two labelling configs (``sarl annotate push`` generates them), told apart by the
   vocabulary, else ``absent``; the prediction's ``score`` is the category's score;
 - **images**: multiple choice, one ``<Choice>`` per category (names or aliases of the served vocabulary; any other
   value refuses the config): every category at or above its threshold is ticked; the prediction's ``score`` is the
-  mean, over the listed categories, of the probability of the decision shown (the score where ticked, one minus it
-  where not): how sure the model is of the whole list.
+  smallest margin ``|score - threshold|`` over the listed categories, as ``sarl annotate push`` scores its own
+  images-mode pre-annotations (the least settled image sorts first either way).
 
 Scores are those of ``POST /v1/predict`` for the same image (rounded alike): the image goes through the replica's
 decode pool and batching queue, and ``model_version`` names the model id and the vocabulary version that scored it.
@@ -204,15 +204,14 @@ def prediction(config: LabelConfig, task: dict, probs: list[float], vocabulary: 
         answer = "present" if score >= vocabulary.categories[index].threshold else "absent"
         output = next(c.output for c in config.choices if c.value.strip().casefold() == answer)
         return {"result": [{**region, "value": {"choices": [output]}}], "score": score, "model_version": version}
-    ticked, sure = [], []
+    ticked, margins = [], []
     for choice, index in zip(config.choices, category_indices(config, vocabulary)):
-        score = round(probs[index], 6)
-        present = score >= vocabulary.categories[index].threshold
-        sure.append(score if present else 1.0 - score)
-        if present:
+        score, threshold = round(probs[index], 6), vocabulary.categories[index].threshold
+        margins.append(abs(score - threshold))
+        if score >= threshold:
             ticked.append(choice.output)
     result = [{**region, "value": {"choices": ticked}}] if ticked else []
-    return {"result": result, "score": round(sum(sure) / len(sure), 6), "model_version": version}
+    return {"result": result, "score": round(min(margins), 6), "model_version": version}
 
 
 # ------------------------------------------------------------------------------------------ images
