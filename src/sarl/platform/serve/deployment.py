@@ -15,6 +15,9 @@ on the forward thread (stack, copy to the device, forward, copy back: never on t
 and every error is JSON with the request id; the ``sarl_*`` metrics (``metrics``) count and time it (plain ASGI
 middleware, :class:`ErrorsAndMetrics`).
 
+Label Studio's ML backend protocol is served under ``/label-studio`` (``label_studio``: the allow-list of task
+image sources is ``ServeArgs.label_studio``); its images take the same decode pool and batching queue.
+
 Before any replica is built (``build_app``, ``deploy``; ``sarl serve`` before Ray starts) the checkpoint's files
 and the vocabulary store are checked (:func:`resolve_args`): a typo is one line, not a failed deployment.
 
