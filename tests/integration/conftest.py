@@ -160,8 +160,14 @@ def ray_cluster(s3_server) -> Iterator[RayCluster]:
     # this venv's commands on the cluster's PATH, as on a cluster whose image installs sarl: `ray job submit` runs
     # its entrypoint (`sarl ...`) in the environment of the processes this starts
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    yield RayCluster(dashboard_url=f"http://{init_ray(num_cpus=4, dashboard=True)}")
-    ray.shutdown()
+    import label_studio_server
+
+    with pytest.MonkeyPatch.context() as env:
+        # the token of the session's Label Studio in the nodes' environment, where an operator gives it to the
+        # replicas (the apps' Label Studio backend reads it there; never in a Serve config or runtime env)
+        env.setenv("LABEL_STUDIO_API_KEY", label_studio_server.TOKEN)
+        yield RayCluster(dashboard_url=f"http://{init_ray(num_cpus=4, dashboard=True)}")
+        ray.shutdown()
 
 
 _two_node_running = False

@@ -146,6 +146,13 @@ def session_server() -> Server:
     return _session["server"]
 
 
+def session_url() -> str | None:
+    """The session server's URL once it is starting (the collection hook picks its port), else None: the Serve
+    apps of the session name it in their ``label_studio`` args when they deploy."""
+    server = _session.get("server")
+    return server.url if server else None
+
+
 def stop_session_server() -> None:
     server = _session.pop("server", None)
     if server is not None:

@@ -69,8 +69,7 @@ def label_studio_args() -> dict:
     :data:`LABEL_STUDIO_BUCKET`. Set once when the app deploys: no redeploy for the Label Studio tests."""
     import label_studio_server
 
-    server = label_studio_server._session.get("server")
-    return {"url": server.url if server else None, "allowed_buckets": [LABEL_STUDIO_BUCKET]}
+    return {"url": label_studio_server.session_url(), "allowed_buckets": [LABEL_STUDIO_BUCKET]}
 
 
 def deploy_app(name: str, checkpoint: Path | str, store_uri: str, replicas: int = 2, **user_config) -> None:

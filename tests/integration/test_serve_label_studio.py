@@ -5,19 +5,17 @@ same images. The app fetches only from the Label Studio host and its allowed buc
 
 The session's apps get their ``label_studio`` Serve args when they deploy (``serving.label_studio_args``: the
 session server's URL and ``serving.LABEL_STUDIO_BUCKET``). The token reaches the replicas the way an operator
-gives it, in their environment: the Ray cluster's processes inherit ``LABEL_STUDIO_API_KEY``, exported below
-while collection imports this module, before the session's cluster starts.
+gives it, in their environment: the session's Ray cluster (``ray_cluster`` in conftest.py) starts with
+``LABEL_STUDIO_API_KEY`` set, and its processes inherit it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import boto3
 import httpx
-import label_studio_server
 import pytest
 import requests
 
@@ -26,9 +24,6 @@ from sarl.platform.annotate import entries_config, images_config
 from serving import CARDS, LABEL_STUDIO_BUCKET, png, post_image, replica_logs
 
 pytestmark = pytest.mark.integration
-
-os.environ["LABEL_STUDIO_API_KEY"] = label_studio_server.TOKEN  # the nodes' environment, as an operator sets it
-
 
 def served(app_url: str, image: bytes) -> tuple[dict, dict]:
     """``/v1/predict``'s answer for ``image`` and the served categories' thresholds."""
