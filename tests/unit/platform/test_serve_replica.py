@@ -41,6 +41,10 @@ def replica(checkpoint: Path, monkeypatch, **args) -> Iterator:
         predictor._thread.join()
         predictor.forward_pool.shutdown()
         predictor.decode_pool.shutdown()
+        # serve.batch keeps one queue per decorated method, made on first use and bound to that event loop (in
+        # Serve, one per replica process). Dropped here, so that the next in-process replica's loop gets its own
+        # (an old queue never answers on a new loop) and the class still pickles (build_app ships it to Ray).
+        cls._score_batch.set_max_batch_size.__self__._queue = None
 
 
 def http_request(body: bytes = b"", receive=None) -> Request:
