@@ -178,11 +178,12 @@ def test_the_labelling_loop_suggest_push_answer_pull_retrain(trained, label_stud
 
     import ray
     import yaml
-    from label_studio_server import USER, Annotator
 
     from sarl.model.data.masks import load_mask, make_partial_labels
     from sarl.model.experiment import MASK_FILE
     from sarl.platform.predict import image_uri
+
+    from label_studio_server import USER, Annotator
 
     started = time.monotonic()
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)

@@ -13,10 +13,11 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from label_studio_server import Annotator
 from PIL import Image
 
 from sarl.cli import main
+
+from label_studio_server import Annotator
 
 CATEGORIES = ["circle", "square", "triangle"]
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
