@@ -6,7 +6,9 @@
 - ``io``: request bodies and image decoding, with their limits;
 - ``vocabulary``: the watcher that follows a vocabulary store and builds each new version;
 - ``metrics``: the ``sarl_*`` request metrics;
-- ``scoring``: a checkpoint's model with its preprocessing, shared with bulk prediction (``sarl predict``).
+- ``scoring``: a checkpoint's model with its preprocessing, shared with bulk prediction (``sarl predict``);
+- ``label_studio``: Label Studio's ML backend protocol under ``/label-studio`` (pre-annotation of the tasks a
+  project opens; task images fetched only from the configured Label Studio host and buckets).
 
 The deployment's names are importable from here; it is imported on first use, so ``io`` and ``scoring`` do not
 pull in Ray Serve and FastAPI.
