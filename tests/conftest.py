@@ -9,6 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # wait for a poll, about 7 s of a small test run's 22 s here. Every cluster the tests start (in-process, `ray start`
 # for the two-node test, `sarl` subprocesses) inherits this; users keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# ... and starts a PreemptionWatcher actor per run (a process of its own) that watches for nodes being drained (spot
+# instances); the test clusters' nodes never are. Users keep it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from pathlib import Path  # noqa: E402
 

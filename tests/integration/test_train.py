@@ -213,8 +213,8 @@ def test_protocol_uses_the_same_mask_for_every_method_and_writes_the_table(ray_c
     from sarl.platform.protocol import run_protocol
 
     out = tmp_path / "protocol"
-    table = run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.2], out,
-                         [*SMALL, "train.epochs=2", f"run.storage_path={tmp_path / 'runs'}"])
+    table = run_protocol("jobs/demo.yaml", ["sarl", "global"], [0.2], out,  # one worker: the mask is the job's
+                         [*SMALL, "train.epochs=2", "scaling.num_workers=1", f"run.storage_path={tmp_path / 'runs'}"])
     assert set(table) == {"sarl", "global"} and all(set(v) == {0.2} for v in table.values())
     markdown = (out / "table.md").read_text()
     assert "validation-selected (ours)" in markdown and "test-selected (as the peers report)" in markdown

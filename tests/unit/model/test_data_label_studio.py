@@ -87,13 +87,3 @@ def test_the_kind_is_registered_with_its_options():
     assert dataset_options("label_studio") == ("category_key", "export", "image_key", "image_root")
     with pytest.raises(ValueError, match="not taken by data set kind 'label_studio'"):
         check_options("label_studio", {"manifest": "x"})
-
-
-def test_the_model_library_reads_exports_without_platform_dependencies():
-    import subprocess
-    import sys
-
-    code = ("import sys, sarl.model.data.label_studio, sarl.model.data.build; "
-            "print(sorted(m for m in ('ray', 'boto3', 'httpx', 'sarl.platform') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"

@@ -109,8 +109,10 @@ def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
 
 
 def test_model_library_imports_no_platform_modules():
-    code = ("import sys, sarl.model, sarl.model.experiment, sarl.model.engine, sarl.model.checkpoint, sarl.model.data;"
-            "bad=[m for m in ('ray','boto3','botocore','sarl.platform') if m in sys.modules];"
+    # every data set kind included (data.label_studio reads Label Studio exports: no httpx, no platform client)
+    code = ("import sys, sarl.model, sarl.model.experiment, sarl.model.engine, sarl.model.checkpoint, sarl.model.data,"
+            " sarl.model.data.build, sarl.model.data.label_studio;"
+            "bad=[m for m in ('ray','boto3','botocore','httpx','sarl.platform') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
