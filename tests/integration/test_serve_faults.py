@@ -190,7 +190,10 @@ def test_application_metrics_are_exported_by_ray_after_real_requests(fleet):
         families = scrape()
         requests_ = [s for s in families.get("sarl_requests", []) if s.labels.get("application") == fleet.name]
         histograms = [s for s in families.get("sarl_batch_size", []) if s.labels.get("application") == fleet.name]
-        return histograms and {("200", "ok"), ("400", "bad_request"), ("413", "too_large")} <= {
+        # earlier tests' requests may be in already; the version gauge follows the fixture's move back to "1"
+        versions = {s.labels["version"] for s in families.get("sarl_vocabulary_info", [])
+                    if s.labels.get("application") == fleet.name and s.value == 1}
+        return histograms and versions == {"1"} and {("200", "ok"), ("400", "bad_request"), ("413", "too_large")} <= {
             (s.labels["status"], s.labels["reason"]) for s in requests_}
 
     wait_for(exported, 60)  # Ray reports application metrics every few seconds
