@@ -77,7 +77,7 @@ from sarl.platform.aliases import identify
 from sarl.platform.annotate import ANSWER_CONTROL
 from sarl.platform.complete import run_complete
 from sarl.platform.job import JobConfig, load_job
-from sarl.platform.label_studio import TOKEN_ENV, LabelStudio
+from sarl.platform.label_studio import TOKEN_ENV, LabelStudio, LabelStudioError
 from sarl.platform.predict import Score, decode_batch
 from sarl.platform.protocol import job_digest
 
@@ -355,8 +355,27 @@ def answer_tasks(client: LabelStudio, project: str, truth: np.ndarray, index: di
             continue
         result = [{"from_name": ANSWER_CONTROL, "to_name": "image", "type": "choices",
                    "value": {"choices": ["present" if state == 1 else "absent"]}}]
-        client.request("POST", f"/api/tasks/{task['id']}/annotations", json={"result": result})
+        post_annotation(client, task["id"], result)
     return counts
+
+
+def post_annotation(client: LabelStudio, task_id: int, result: list[dict[str, Any]], tries: int = 10) -> None:
+    """One answer; a server that does not answer in time (a busy or paused machine) is asked again after a pause,
+    unless the task got its annotation meanwhile."""
+    for attempt in range(1, tries + 1):
+        try:
+            client.request("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
+            return
+        except LabelStudioError as exc:
+            if attempt == tries:
+                raise
+            log(f"   task {task_id}: {exc}; again in 30 s ({attempt}/{tries})")
+            time.sleep(30)
+            try:
+                if client.request("GET", f"/api/tasks/{task_id}").get("total_annotations"):
+                    return
+            except LabelStudioError:
+                pass
 
 
 def check_pulled(m2: Path, picked: list[Entry], before: np.ndarray, truth: np.ndarray, index: dict[str, int],
