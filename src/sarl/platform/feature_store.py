@@ -48,7 +48,9 @@ class S3FeatureStore:
         entry = storage.join(self.uri, digest)
         if not storage.exists(storage.join(entry, META_FILE)):
             return False
-        storage.download_dir(entry, local_dir)
+        # the entry's files, not the folder: its lease may still lie there, and go while a listing names it
+        for name in (*ARRAY_FILES, META_FILE):
+            storage.download_file(storage.join(entry, name), Path(local_dir) / name)
         return True
 
     def push(self, digest: str, local_dir: Path) -> None:
