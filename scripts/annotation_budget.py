@@ -175,7 +175,7 @@ def train(job: JobConfig, run_dir: Path) -> dict[str, Any]:
             "test_selected_mAP": result["test_selected_mAP"], "test_AP": result["test"]["AP"],
             "test_CF1": result["test"]["CF1"], "curve_val_mAP": [h["val_mAP"] for h in history],
             "curve_test_mAP": [h["test_mAP"] for h in history], "train_s": round(time.perf_counter() - started, 1),
-            "checkpoint": str(run_dir / "best"), "job_digest": job_digest(job)}
+            "checkpoint": os.path.relpath(run_dir / "best"), "job_digest": job_digest(job)}
 
 
 # ------------------------------------------------------------------------------------------------ suggestions
