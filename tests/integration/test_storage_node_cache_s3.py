@@ -188,20 +188,23 @@ def test_cache_bound_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 # ------------------------------------------------------------------------------------------------ path traversal
 @pytest.mark.parametrize("bad", ["../evil", "a/../../evil", "/abs/evil", "./x"])
 def test_keys_that_would_land_outside_are_refused(s3_bucket: str, tmp_path: Path, bad: str) -> None:
+    from sarl.model.features import ARRAY_FILES, META_FILE
     from sarl.platform.feature_store import S3FeatureStore
 
     client = boto3.client("s3")
     client.put_object(Bucket=s3_bucket, Key="ckpt/weights.pt", Body=b"w")
     client.put_object(Bucket=s3_bucket, Key=f"ckpt/{bad}", Body=b"pwned")  # ckpt/../evil, ckpt//abs/evil ...
     client.put_object(Bucket=s3_bucket, Key=f"features/d1/{bad}", Body=b"pwned")
-    client.put_object(Bucket=s3_bucket, Key="features/d1/meta.json", Body=b"{}")
+    for name in (*ARRAY_FILES, META_FILE):
+        client.put_object(Bucket=s3_bucket, Key=f"features/d1/{name}", Body=name.encode())
     inside = tmp_path / "a" / "b" / "download"
     with pytest.raises(storage.StorageError, match=f"ckpt/{bad}"):
         storage.download_dir(f"s3://{s3_bucket}/ckpt", inside)
     with pytest.raises(storage.StorageError, match=f"ckpt/{bad}"):
         node_cache.local_copy(f"s3://{s3_bucket}/ckpt", cache_dir=tmp_path / "a" / "cache")
-    with pytest.raises(storage.StorageError, match=f"features/d1/{bad}"):
-        S3FeatureStore(f"s3://{s3_bucket}/features").fetch("d1", inside / "features")
+    # a feature entry is fetched by its file names, never by listing: a stray key is not followed at all
+    assert S3FeatureStore(f"s3://{s3_bucket}/features").fetch("d1", tmp_path / "entry")
+    assert sorted(p.name for p in (tmp_path / "entry").iterdir()) == sorted((*ARRAY_FILES, META_FILE))
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if p.read_bytes() in (b"pwned", b"w")], written  # nothing downloaded at all
     assert not Path("/abs/evil").exists()
