@@ -45,20 +45,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +69,7 @@ from sarl.model.data import build_dataset, make_partial_labels, train_val_split
 from sarl.model.data.manifest import ManifestRow, read_manifest, write_manifest
 from sarl.model.experiment import fit
 from sarl.platform.aliases import identify
-from sarl.platform.annotate import ANSWER_CONTROL
+from sarl.platform.annotate import ANSWER_CONTROL, Scored
 from sarl.platform.complete import run_complete
 from sarl.platform.job import JobConfig, load_job
 from sarl.platform.label_studio import TOKEN_ENV, LabelStudio, LabelStudioError
@@ -197,22 +192,10 @@ def score_images(checkpoint: str, paths: list[str]) -> tuple[list[dict[str, Any]
     return rows, thresholds, identity.model_id
 
 
-@dataclass(frozen=True)
-class Entry:
-    path: str
-    category: str
-    score: float
-    threshold: float
-
-    @property
-    def margin(self) -> float:
-        return abs(self.score - self.threshold)
-
-
 def unknown_entries(rows: list[dict[str, Any]], partial: np.ndarray, index: dict[str, int],
-                    categories: list[str], thresholds: dict[str, float]) -> list[Entry]:
+                    categories: list[str], thresholds: dict[str, float]) -> list[Scored]:
     """The pool: every unknown entry of the scored images, in (image, category) order."""
-    return [Entry(r["path"], c, r["scores"][c], thresholds[c]) for r in rows
+    return [Scored(r["path"], c, r["scores"][c], thresholds[c]) for r in rows
             for j, c in enumerate(categories) if partial[index[r["path"]], j] == -1]
 
 
@@ -228,11 +211,11 @@ def margin_suggestions(manifest: Path, rows: list[dict[str, Any]], thresholds: d
         return [(r["path"], r["category"]) for r in csv.DictReader(fh)]
 
 
-def random_order(pool: list[Entry], seed: int) -> list[Entry]:
+def random_order(pool: list[Scored], seed: int) -> list[Scored]:
     return [pool[i] for i in np.random.default_rng([seed, 19, 5]).permutation(len(pool))]
 
 
-def balanced_pick(pool: list[Entry], categories: list[str], k: int) -> list[Entry]:
+def balanced_pick(pool: list[Scored], categories: list[str], k: int) -> list[Scored]:
     """Uncertainty sampling balanced over categories: each category's entries by margin, taken round-robin (the
     r-th closest of every category before any (r+1)-th), so each category gets about K/C."""
     by_category = {c: sorted((e for e in pool if e.category == c), key=lambda e: (e.margin, e.path))
@@ -243,8 +226,8 @@ def balanced_pick(pool: list[Entry], categories: list[str], k: int) -> list[Entr
     return ordered[:k]
 
 
-def pick(strategy: str, pool: list[Entry], k: int, seed: int, categories: list[str],
-         margin_pairs: list[tuple[str, str]]) -> list[Entry]:
+def pick(strategy: str, pool: list[Scored], k: int, seed: int, categories: list[str],
+         margin_pairs: list[tuple[str, str]]) -> list[Scored]:
     """K entries of ``pool`` by ``strategy`` (``margin_pairs``: run_complete's pick, smallest margin first)."""
     by_key = {(e.path, e.category): e for e in pool}
     if strategy == "margin":
@@ -260,7 +243,7 @@ def pick(strategy: str, pool: list[Entry], k: int, seed: int, categories: list[s
     raise SystemExit(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
 
 
-def write_suggestions(path: Path, entries: list[Entry]) -> Path:
+def write_suggestions(path: Path, entries: list[Scored]) -> Path:
     """The picks as ``sarl complete --suggest`` writes them: ``path, category, score, threshold``."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -270,65 +253,14 @@ def write_suggestions(path: Path, entries: list[Entry]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ Label Studio
-class LabelStudioServer:
-    """``label-studio start`` from ``.venv-ls`` on 127.0.0.1, as tests/integration/label_studio_server.py starts
-    it: a data dir copied from the migrated template, a legacy API token, local-files serving rooted at
-    ``document_root``; stopped by its process group id."""
-
-    USER, PASSWORD = "annotator@sarl.test", "sarl-budget-password"
-    DROPPED = ("HOST", "PORT", "USERNAME", "PASSWORD", "USER_TOKEN", "DATABASE_NAME", "BASE_DATA_DIR", "DEBUG")
-
-    def __init__(self, venv: Path, document_root: Path) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="sarl-budget-ls-"))
-        (self.base / "data").mkdir()
-        template = venv / "template" / "label_studio.sqlite3"
-        if template.is_file():
-            shutil.copyfile(template, self.base / "data" / "label_studio.sqlite3")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url, self.token = f"http://127.0.0.1:{port}", "sarl0budget0" + os.urandom(8).hex()
-        env = {k: v for k, v in os.environ.items()
-               if k not in self.DROPPED and not k.startswith(("LABEL_STUDIO_", "HEARTEX_"))}
-        env.update(LABEL_STUDIO_BASE_DATA_DIR=str(self.base / "data"), LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
-                   LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(document_root), LABEL_STUDIO_SENTRY_DSN="",
-                   LABEL_STUDIO_FRONTEND_SENTRY_DSN="", LABEL_STUDIO_LATEST_VERSION_CHECK="false",
-                   LABEL_STUDIO_COLLECT_ANALYTICS="false")
-        self.log = self.base / "server.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [str(venv / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
-                 "--port", str(port), "--data-dir", str(self.base / "data"), "--username", self.USER,
-                 "--password", self.PASSWORD, "--user-token", self.token, "--enable-legacy-api-token",
-                 "--log-level", "WARNING"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        log(f"Label Studio starting at {self.url} (pid {self.process.pid})")
-
-    def wait(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"Label Studio did not start; end of its log:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.base, ignore_errors=True)
-        log(f"Label Studio (pid {self.process.pid}) stopped")
+def label_studio_server() -> Any:
+    """The tests' server module (tests/integration/label_studio_server.py): the same start from the migrated
+    template, token and local-files serving, and the same stop by process group id."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "integration" / "label_studio_server.py"
+    spec = importlib.util.spec_from_file_location("label_studio_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_sarl(*argv: str) -> None:
@@ -378,7 +310,7 @@ def post_annotation(client: LabelStudio, task_id: int, result: list[dict[str, An
                 pass
 
 
-def check_pulled(m2: Path, picked: list[Entry], before: np.ndarray, truth: np.ndarray, index: dict[str, int],
+def check_pulled(m2: Path, picked: list[Scored], before: np.ndarray, truth: np.ndarray, index: dict[str, int],
                  categories: list[str]) -> None:
     """M2 is M with exactly the picked entries known, each at its true value."""
     expected = before.copy()
@@ -423,7 +355,7 @@ class Experiment:
         self.benchmark = load_job(args.config, args.overrides, fixed={"data": {"known_proportion": args.proportion}})
         self.base = to_dict(self.benchmark)
         self.runs = {key(r): r for r in read_runs(self.output)}
-        self.server: LabelStudioServer | None = None
+        self.server: Any = None  # label_studio_server.Server
         self.client: LabelStudio | None = None
         self.meta = {"config": args.config, "proportion": args.proportion, "machine": machine(),
                      "torch_threads": torch.get_num_threads()}
@@ -433,10 +365,11 @@ class Experiment:
 
     def label_studio(self) -> LabelStudio:
         if self.client is None:
-            self.server = LabelStudioServer(Path(self.args.label_studio_venv).resolve(), self.work)
-            self.server.wait()
-            os.environ[TOKEN_ENV] = self.server.token  # what sarl annotate reads
-            self.client = LabelStudio(self.server.url)
+            self.server = label_studio_server().Server(self.work, Path(self.args.label_studio_venv).resolve())
+            log(f"Label Studio starting at {self.server.url} (pid {self.server.process.pid})")
+            handle = self.server.wait()
+            os.environ[TOKEN_ENV] = handle.token  # what sarl annotate reads
+            self.client = LabelStudio(handle.url)
         return self.client
 
     def close(self) -> None:
@@ -488,7 +421,7 @@ class Experiment:
                          model_id)
 
     def run_arm(self, layout: Layout, seed: int, seed_dir: Path, partial: np.ndarray, index: dict[str, int],
-                pool: list[Entry], margin_pairs: list[tuple[str, str]], strategy: str, budget: float, k: int,
+                pool: list[Scored], margin_pairs: list[tuple[str, str]], strategy: str, budget: float, k: int,
                 model_id: str) -> None:
         cats = layout.categories
         arm = f"{strategy}-k{budget * 100:g}"

@@ -70,18 +70,22 @@ def free_port() -> int:
 class Server:
     """One ``label-studio start`` process and its temporary folder."""
 
-    def __init__(self) -> None:
+    def __init__(self, document_root: Path | None = None, venv: Path = VENV) -> None:
+        """``document_root``: the folder local-files serving is rooted at (default: one in the server's temporary
+        folder, removed with it); ``venv``: where ``label-studio`` is installed (scripts/annotation_budget.py
+        starts its server with both)."""
         self.base = Path(tempfile.mkdtemp(prefix="sarl-label-studio-"))
         self.data_dir = self.base / "data"
-        self.document_root = self.base / "files"
+        self.document_root = document_root or self.base / "files"
         self.data_dir.mkdir()
-        self.document_root.mkdir()
+        self.document_root.mkdir(exist_ok=True)
         self.log = self.base / "server.log"
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.used_template = TEMPLATE.exists()
+        template = venv / TEMPLATE.relative_to(VENV)
+        self.used_template = template.exists()
         if self.used_template:
-            shutil.copyfile(TEMPLATE, self.data_dir / "label_studio.sqlite3")
+            shutil.copyfile(template, self.data_dir / "label_studio.sqlite3")
         env = {k: v for k, v in os.environ.items()
                if k not in _DROPPED_ENV and not k.startswith(("LABEL_STUDIO_", "HEARTEX_"))}
         env.update(LABEL_STUDIO_BASE_DATA_DIR=str(self.data_dir), LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
@@ -94,7 +98,8 @@ class Server:
         self.started = time.monotonic()
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [str(EXECUTABLE), "start", "--no-browser", "--internal-host", HOST, "--port", str(self.port),
+                [str(venv / EXECUTABLE.relative_to(VENV)), "start", "--no-browser", "--internal-host", HOST,
+                 "--port", str(self.port),
                  "--data-dir", str(self.data_dir), "--username", USER, "--password", PASSWORD,
                  "--user-token", TOKEN, "--enable-legacy-api-token", "--log-level", "WARNING"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
