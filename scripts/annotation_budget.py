@@ -69,8 +69,8 @@ from sarl.model.data import build_dataset, make_partial_labels, train_val_split
 from sarl.model.data.manifest import ManifestRow, read_manifest, write_manifest
 from sarl.model.experiment import fit
 from sarl.platform.aliases import identify
-from sarl.platform.annotate import ANSWER_CONTROL, Scored
-from sarl.platform.complete import run_complete
+from sarl.platform.annotate import ANSWER_CONTROL
+from sarl.platform.complete import Scored, balanced_order, run_complete
 from sarl.platform.job import JobConfig, load_job
 from sarl.platform.label_studio import TOKEN_ENV, LabelStudio, LabelStudioError
 from sarl.platform.predict import Score, decode_batch
@@ -215,17 +215,6 @@ def random_order(pool: list[Scored], seed: int) -> list[Scored]:
     return [pool[i] for i in np.random.default_rng([seed, 19, 5]).permutation(len(pool))]
 
 
-def balanced_pick(pool: list[Scored], categories: list[str], k: int) -> list[Scored]:
-    """Uncertainty sampling balanced over categories: each category's entries by margin, taken round-robin (the
-    r-th closest of every category before any (r+1)-th), so each category gets about K/C."""
-    by_category = {c: sorted((e for e in pool if e.category == c), key=lambda e: (e.margin, e.path))
-                   for c in categories}
-    rounds = max(len(v) for v in by_category.values())
-    ordered = [e for r in range(rounds)
-               for e in sorted((v[r] for v in by_category.values() if r < len(v)), key=lambda e: e.margin)]
-    return ordered[:k]
-
-
 def pick(strategy: str, pool: list[Scored], k: int, seed: int, categories: list[str],
          margin_pairs: list[tuple[str, str]]) -> list[Scored]:
     """K entries of ``pool`` by ``strategy`` (``margin_pairs``: run_complete's pick, smallest margin first)."""
@@ -235,7 +224,7 @@ def pick(strategy: str, pool: list[Scored], k: int, seed: int, categories: list[
     if strategy == "random":
         return random_order(pool, seed)[:k]
     if strategy == "balanced":
-        return balanced_pick(pool, categories, k)
+        return balanced_order(pool, categories)[:k]  # sarl complete --suggest-by balanced
     if strategy == "mixed":
         first = [by_key[p] for p in margin_pairs[:k // 2]]
         taken = {(e.path, e.category) for e in first}

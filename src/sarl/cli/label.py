@@ -65,7 +65,8 @@ def _complete(args: argparse.Namespace) -> int:
     rows = read_rows(predictions, "jsonl")
     thresholds = json.loads(storage.read_text(storage.join(predictions, "thresholds.json")))
     try:
-        counts = run_complete(config.manifest, rows, thresholds, config.output, config.band, config.suggest)
+        counts = run_complete(config.manifest, rows, thresholds, config.output, config.band, config.suggest,
+                              suggest_by=config.suggest_by)
     except CompleteError as exc:
         print(f"sarl complete: {exc}", file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ from pydantic import Field
 
 from ..model.config import section
 from . import storage
+from .complete import Scored, margin_order
 from .label_studio import LabelStudio
 from .predict import RUN, THRESHOLDS, image_uri, read_rows
 
@@ -137,20 +138,6 @@ def parse_config(label_config: str, project: str) -> ProjectKind:
 
 
 # ------------------------------------------------------------------------------------------------ push inputs
-@dataclass(frozen=True)
-class Scored:
-    """One (image, category) decision of the model: ``path`` is the image's URI as ``sarl predict`` keys it."""
-
-    path: str
-    category: str
-    score: float
-    threshold: float
-
-    @property
-    def margin(self) -> float:
-        return abs(self.score - self.threshold)
-
-
 def read_suggestions(uri: str, manifest: str | None = None) -> list[Scored]:
     """``sarl complete --suggest``'s CSV; relative paths resolved against ``manifest`` (default: the CSV's folder)."""
     try:
@@ -212,7 +199,7 @@ def suggestions_model(suggestions: str) -> str | None:
 def entry_tasks(scored: list[Scored], refs: dict[str, str], model_version: str) -> list[dict[str, Any]]:
     """One task per (image, category), smallest margin first, pre-answered present / absent by the threshold."""
     tasks = []
-    for s in sorted(scored, key=lambda s: (s.margin, s.path, s.category)):
+    for s in margin_order(scored):
         answer = "present" if s.score >= s.threshold else "absent"
         tasks.append({"data": {"image": refs[s.path], "category": s.category, "score": round(s.score, 6),
                                "threshold": round(s.threshold, 6), "margin": round(s.margin, 6), "path": s.path},

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from sarl.model.data.manifest import ManifestRow, read_manifest, write_manifest
-from sarl.platform.complete import best_f1_threshold, calibrate_thresholds, complete_entries, f1_at, run_complete
+from sarl.platform.complete import (
+    CompleteError,
+    best_f1_threshold,
+    calibrate_thresholds,
+    complete_entries,
+    f1_at,
+    run_complete,
+)
 
 
 def brute_force_f1(scores: np.ndarray, targets: np.ndarray, threshold: float) -> float:
@@ -95,6 +102,32 @@ def test_run_complete_entry_by_entry_and_the_suggestions(tmp_path: Path) -> None
     with open(counts["suggest_file"]) as fh:
         suggested = list(csv.DictReader(fh))
     assert [(s["path"], s["category"]) for s in suggested] == [("a.png", "dog")]  # the only scored unsure entry
+
+
+@pytest.mark.parametrize("suggest_by, expected", [
+    # the three cat entries sit nearest the threshold: margin asks only about cat
+    ("margin", [("a.png", "cat"), ("b.png", "cat"), ("c.png", "cat")]),
+    # round 0: each category's nearest (cat 0.01, dog 0.05), nearest first; round 1: cat's second (dog has none)
+    ("balanced", [("a.png", "cat"), ("a.png", "dog"), ("b.png", "cat")]),
+])
+def test_suggestions_by_margin_or_balanced_over_categories(tmp_path: Path, suggest_by: str,
+                                                           expected: list[tuple[str, str]]) -> None:
+    rows = [ManifestRow(f"{n}.png", [], ["cat", "dog"]) for n in "abc"]
+    manifest = write_manifest(tmp_path / "train.jsonl", rows)
+    root = manifest.parent.resolve()
+    scores = {"a": {"cat": 0.51, "dog": 0.45}, "b": {"cat": 0.48, "dog": 0.9}, "c": {"cat": 0.53, "dog": 0.1}}
+    predictions = [{"path": str(root / f"{n}.png"), "scores": scores[n]} for n in "abc"]
+    counts = run_complete(str(manifest), predictions, {"cat": 0.5, "dog": 0.5}, str(tmp_path / "done.jsonl"),
+                          band=0.2, suggest=3, suggest_by=suggest_by)
+    with open(counts["suggest_file"]) as fh:
+        assert [(s["path"], s["category"]) for s in csv.DictReader(fh)] == expected
+
+
+def test_an_unknown_suggestion_rule_is_refused(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "train.jsonl", [ManifestRow("a.png", [], ["cat"])])
+    with pytest.raises(CompleteError, match="suggest_by must be margin or balanced, not 'entropy'"):
+        run_complete(str(manifest), [{"path": str(tmp_path.resolve() / "a.png"), "scores": {"cat": 0.5}}],
+                     {"cat": 0.5}, str(tmp_path / "done.jsonl"), suggest=1, suggest_by="entropy")
 
 
 def test_out_of_fold_keeps_a_threshold_only_when_it_holds_on_the_other_half() -> None:
