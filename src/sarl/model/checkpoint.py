@@ -37,8 +37,10 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +209,43 @@ def checkpoint_backbone(directory: str | Path) -> dict[str, Any]:
     return _read_meta(Path(directory))[0]["backbone"]
 
 
+_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_")
+_skipping = threading.local()
+_patch_lock = threading.Lock()
+_patch_users = 0
+
+
+@contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Build modules in this thread without drawing their random initial weights (``torch.nn.init``'s random
+    fills do nothing): for a model whose every tensor is loaded right after, strictly. Loading an RN50 checkpoint
+    took 1.8 s, 0.55 s of it drawing weights the checkpoint then overwrites (each Serve replica, predict actor
+    and evaluation task loads one). Other threads building modules meanwhile still get their random weights."""
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            for name in _RANDOM_INITS:
+                original = getattr(nn.init, name)
+
+                def init(tensor: torch.Tensor, *args: Any, _original: Callable = original, **kwargs: Any):
+                    return tensor if getattr(_skipping, "on", False) else _original(tensor, *args, **kwargs)
+
+                init.__wrapped__ = original
+                setattr(nn.init, name, init)
+        _patch_users += 1
+    _skipping.on = True
+    try:
+        yield
+    finally:
+        _skipping.on = False
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                for name in _RANDOM_INITS:
+                    setattr(nn.init, name, getattr(nn.init, name).__wrapped__)
+
+
 def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
     return torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
 
@@ -269,7 +308,8 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     state = _load_weights(directory)
     if backbone["self_contained"]:
         # Every tensor comes from the checkpoint, so the towers are built without reading a weights source.
-        model = SARLModel(config, vocabulary, semantics=state.get("semantics"), load_pretrained=False)
+        with _no_random_init():  # every tensor is loaded next (strict)
+            model = SARLModel(config, vocabulary, semantics=state.get("semantics"), load_pretrained=False)
         split = split_state(model)
         _load_entries(model, state, split, partial=False, where=directory)
         _check_digest(backbone_digest(model, split), backbone, "(stored in the checkpoint)", directory)

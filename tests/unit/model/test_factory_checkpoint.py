@@ -286,6 +286,36 @@ def test_random_towers_are_self_contained_and_the_text_tower_is_stored_once(tmp_
     assert torch.equal(logits(load_checkpoint(tmp_path / "ckpt")), logits(model))
 
 
+def test_loading_draws_no_random_weights_and_leaves_other_threads_theirs(tmp_path, monkeypatch):
+    """A self-contained load builds the model without torch.nn.init's random fills (every tensor is loaded after);
+    the fills are torch's own again afterwards, and a module built in another thread meanwhile is random."""
+    import threading
+
+    from sarl.model import checkpoint
+
+    save_checkpoint(create_model("tiny", NAMES), tmp_path / "ckpt")
+    originals = {name: getattr(torch.nn.init, name) for name in checkpoint._RANDOM_INITS}
+    built_elsewhere, during = [], threading.Event()
+    real_init = checkpoint.SARLModel.__init__
+
+    def init_while_another_thread_builds(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        assert torch.nn.init.normal_ is not originals["normal_"]  # patched now, for this thread only
+        worker = threading.Thread(target=lambda: built_elsewhere.append(torch.nn.Linear(64, 64).weight.detach()))
+        worker.start()
+        worker.join()
+        during.set()
+
+    monkeypatch.setattr(checkpoint.SARLModel, "__init__", init_while_another_thread_builds)
+    model = load_checkpoint(tmp_path / "ckpt")
+    assert during.is_set()
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
+    # the other thread's Linear got torch's kaiming-uniform fill: U(-1/sqrt(64), 1/sqrt(64)), sd 0.125/sqrt(3)
+    weight = built_elsewhere[0]
+    assert weight.abs().max() <= 0.125 and abs(float(weight.std()) - 0.125 / 3 ** 0.5) < 0.01
+    assert torch.equal(logits(model), logits(load_checkpoint(tmp_path / "ckpt")))
+
+
 def test_export_writes_a_self_contained_copy(tmp_path):
     path = weights_file(tmp_path)
     model = create_model("tiny-rn", NAMES, pretrained=str(path), unfreeze="none")
