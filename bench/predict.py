@@ -15,12 +15,14 @@ gave the actors half the CPUs (1 actor: 1 CPU, 1 torch thread, against the loop'
 each; ``--old-shares`` runs that split again. The local cluster's workers run at niceness 0, as the loop does
 (``RAY_worker_niceness``; at Ray's default, 15, any other process on a shared machine slowed the actors only).
 
-Each mode reports images/s over the whole run (start-up included: loading the model, Ray Data's planning) and
+Each mode reports images/s over the whole run (start-up included: loading the model, Ray Data's planning, the
+actors' processes importing torch and open_clip; the loop's imports are done before its clock starts) and
 images/s of its steady part: the plain loop's after loading the model; for (2) and (3), between the first shard
 written and the last one before the run's end (Ray Data hands an actor's output on about when its next task
 ends, so the end flushes a batch per actor at once). "from 1st shard" is the measure used before issue 18: the
 first shard to the end, which credited that window with the images the lag had hidden before it. Ratios are to
-(1).
+(1). "start-up s" is a run's time beyond its images at its steady rate; the last lines say from how many images
+on a mode's lower cost per image pays back its longer start-up.
 
     python bench/predict.py [--model rn50|tiny] [--images 256] [--batch-size 16] [--cpus N] [--old-shares]
 """
@@ -141,11 +143,21 @@ def main() -> None:
         ray.shutdown()
         base = results["(1) plain loop, 1 process"]
         print(f"\n{'mode':<30} {'images/s':>9} {'ratio':>6}   {'steady images/s':>15} {'ratio':>6}   "
-              f"{'from 1st shard':>14} {'ratio':>6}")
+              f"{'from 1st shard':>14} {'ratio':>6}   {'start-up s':>10}")
         for name, r in results.items():
             first = r.get("from_first_shard", base["steady"])
+            # the run's time beyond its images at the steady rate: model loads, actor processes and their imports
+            startup = args.images / r["total"] - args.images / r["steady"]
             print(f"{name:<30} {r['total']:>9.2f} {r['total'] / base['total']:>5.2f}x   {r['steady']:>15.2f} "
-                  f"{r['steady'] / base['steady']:>5.2f}x   {first:>14.2f} {first / base['steady']:>5.2f}x")
+                  f"{r['steady'] / base['steady']:>5.2f}x   {first:>14.2f} {first / base['steady']:>5.2f}x   "
+                  f"{startup:>10.1f}")
+        for name, r in list(results.items())[1:]:
+            gain = 1 / base["steady"] - 1 / r["steady"]  # seconds saved per image once running
+            extra = (args.images / r["total"] - args.images / r["steady"]) - (
+                args.images / base["total"] - args.images / base["steady"])
+            if gain > 0:
+                print(f"{name}: ahead of (1) overall from about {extra / gain:.0f} images "
+                      f"({extra:.1f} s more start-up, {gain * 1000:.0f} ms less per image)")
         sys.stdout.flush()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
