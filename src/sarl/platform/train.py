@@ -128,8 +128,10 @@ def _train(config: dict[str, Any], job: JobConfig, scratch: Path, staged: list[P
     resume = ray.train.get_checkpoint()
     train_state = None
     if resume is not None:
-        with resume.as_directory() as ckpt_dir:
-            shutil.copytree(ckpt_dir, scratch / "resume")
+        # each rank downloads its own copy: as_directory's temporary folder is shared by a node's ranks and
+        # removed by the first one done with it, which can be under a rank that has not yet registered as a
+        # reader (Ray 2.60: "Checkpoint directory ... does not exist, even though it should have been created")
+        resume.to_directory(str(scratch / "resume"))
         shutil.copy(scratch / "resume" / MASK_FILE, scratch / MASK_FILE)  # resume with the saved mask
         train_state = load_train_state(scratch / "resume")
     if rank == 0:  # rows of epochs whose checkpoints were never committed go: those epochs run again
