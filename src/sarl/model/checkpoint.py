@@ -234,11 +234,11 @@ def _no_random_init() -> Iterator[None]:
                 init.__wrapped__ = original
                 setattr(nn.init, name, init)
         _patch_users += 1
-    _skipping.on = True
+    outer, _skipping.on = getattr(_skipping, "on", False), True
     try:
         yield
     finally:
-        _skipping.on = False
+        _skipping.on = outer
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:

@@ -316,6 +316,21 @@ def test_loading_draws_no_random_weights_and_leaves_other_threads_theirs(tmp_pat
     assert torch.equal(logits(model), logits(load_checkpoint(tmp_path / "ckpt")))
 
 
+def test_no_random_init_nests_and_ends_with_the_outermost():
+    from sarl.model.checkpoint import _no_random_init
+
+    def filled() -> bool:  # normal_ left the tensor as it was
+        t = torch.full((1000,), 7.0)
+        torch.nn.init.normal_(t)
+        return bool((t == 7).all())
+
+    with _no_random_init():
+        with _no_random_init():
+            assert filled()
+        assert filled()  # the inner one's end does not end the outer one's
+    assert not filled()
+
+
 def test_export_writes_a_self_contained_copy(tmp_path):
     path = weights_file(tmp_path)
     model = create_model("tiny-rn", NAMES, pretrained=str(path), unfreeze="none")
