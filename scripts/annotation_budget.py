@@ -70,7 +70,7 @@ from sarl.model.data.manifest import ManifestRow, read_manifest, write_manifest
 from sarl.model.experiment import fit
 from sarl.platform.aliases import identify
 from sarl.platform.annotate import ANSWER_CONTROL
-from sarl.platform.complete import Scored, balanced_order, run_complete
+from sarl.platform.complete import Scored, balanced_order, run_complete, write_suggestions
 from sarl.platform.job import JobConfig, load_job
 from sarl.platform.label_studio import TOKEN_ENV, LabelStudio, LabelStudioError
 from sarl.platform.predict import Score, decode_batch
@@ -230,15 +230,6 @@ def pick(strategy: str, pool: list[Scored], k: int, seed: int, categories: list[
         taken = {(e.path, e.category) for e in first}
         return first + [e for e in random_order(pool, seed) if (e.path, e.category) not in taken][:k - len(first)]
     raise SystemExit(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-
-
-def write_suggestions(path: Path, entries: list[Scored]) -> Path:
-    """The picks as ``sarl complete --suggest`` writes them: ``path, category, score, threshold``."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "category", "score", "threshold"])
-        writer.writerows([e.path, e.category, f"{e.score:.6f}", f"{e.threshold:.6f}"] for e in entries)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ Label Studio
@@ -418,7 +409,7 @@ class Experiment:
         picked = pick(strategy, pool, k, seed, cats, margin_pairs)
         if len({(e.path, e.category) for e in picked}) != k:
             raise SystemExit(f"{arm}: {len(picked)} picks, {k} wanted")
-        suggestions = write_suggestions(seed_dir / f"{arm}-suggest.csv", picked)
+        suggestions = write_suggestions(str(seed_dir / f"{arm}-suggest.csv"), picked)
         client, project = self.label_studio(), f"budget s{seed} {arm}"
         url = self.server.url
         t0 = time.perf_counter()

@@ -109,6 +109,17 @@ def margin_order(entries: list[Scored]) -> list[Scored]:
     return sorted(entries, key=lambda e: (e.margin, e.path, e.category))
 
 
+def write_suggestions(uri: str, entries: list[Scored]) -> str:
+    """``entries`` as the ``path, category, score, threshold`` CSV that ``sarl annotate push --suggestions`` reads,
+    at ``uri`` (a local path or ``s3://``); returns ``uri``."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "category", "score", "threshold"])
+    writer.writerows([e.path, e.category, f"{e.score:.6f}", f"{e.threshold:.6f}"] for e in entries)
+    storage.write_text(uri, text.getvalue())
+    return uri
+
+
 def balanced_order(entries: list[Scored], categories: list[str]) -> list[Scored]:
     """Uncertainty sampling balanced over categories: each category's entries by margin, taken round-robin (the
     r-th nearest of every category before any (r+1)-th, each round nearest first, ties in ``categories``' order),
@@ -279,6 +290,8 @@ def run_complete(manifest: str, predictions: list[dict[str, Any]], thresholds: d
     from ..model.data.manifest import read_manifest
     from .predict import image_uri
 
+    if suggest_by not in ("margin", "balanced"):  # before anything is written
+        raise CompleteError(f"suggest_by must be margin or balanced, not {suggest_by!r}")
     by_path = {p["path"]: p for p in predictions}
     rows = read_manifest(Path(node_cache.local_copy(manifest) if storage.is_s3(manifest) else manifest))
     keys = [image_uri(manifest, row.path) for row in rows]  # as sarl predict keyed its rows
@@ -311,21 +324,14 @@ def run_complete(manifest: str, predictions: list[dict[str, Any]], thresholds: d
                                  "entries": entries}))
     storage.write_text(output, "\n".join(lines) + "\n")
     if suggest:
-        if suggest_by not in ("margin", "balanced"):
-            raise CompleteError(f"suggest_by must be margin or balanced, not {suggest_by!r}")
         picked = (margin_order(uncertain) if suggest_by == "margin"
                   else balanced_order(uncertain, list(thresholds)))[:suggest]
-        out = suggest_output or str(Path(output).with_suffix("")) + "-suggest.csv"
-        buffer = [["path", "category", "score", "threshold"]]
-        buffer += [[e.path, e.category, f"{e.score:.6f}", f"{e.threshold:.6f}"] for e in picked]
-        text = io.StringIO()
-        csv.writer(text).writerows(buffer)
-        storage.write_text(out, text.getvalue())
-        counts["suggested"], counts["suggest_file"] = min(suggest, len(uncertain)), out
+        out = write_suggestions(suggest_output or str(Path(output).with_suffix("")) + "-suggest.csv", picked)
+        counts["suggested"], counts["suggest_file"] = len(picked), out
     counts["output"] = output
     return counts
 
 
 __all__ = ["CalibrateConfig", "Calibration", "CompleteConfig", "CompleteError", "Scored", "balanced_order",
            "best_f1_threshold", "calibrate_thresholds", "complete_entries", "f1_at", "margin_order", "run_calibrate",
-           "run_complete"]
+           "run_complete", "write_suggestions"]
