@@ -144,17 +144,18 @@ def main() -> None:
         base = results["(1) plain loop, 1 process"]
         print(f"\n{'mode':<30} {'images/s':>9} {'ratio':>6}   {'steady images/s':>15} {'ratio':>6}   "
               f"{'from 1st shard':>14} {'ratio':>6}   {'start-up s':>10}")
+        def startup(r: dict[str, float]) -> float:
+            """The run's time beyond its images at the steady rate: model loads, actor processes, their imports."""
+            return args.images / r["total"] - args.images / r["steady"]
+
         for name, r in results.items():
             first = r.get("from_first_shard", base["steady"])
-            # the run's time beyond its images at the steady rate: model loads, actor processes and their imports
-            startup = args.images / r["total"] - args.images / r["steady"]
             print(f"{name:<30} {r['total']:>9.2f} {r['total'] / base['total']:>5.2f}x   {r['steady']:>15.2f} "
                   f"{r['steady'] / base['steady']:>5.2f}x   {first:>14.2f} {first / base['steady']:>5.2f}x   "
-                  f"{startup:>10.1f}")
+                  f"{startup(r):>10.1f}")
         for name, r in list(results.items())[1:]:
             gain = 1 / base["steady"] - 1 / r["steady"]  # seconds saved per image once running
-            extra = (args.images / r["total"] - args.images / r["steady"]) - (
-                args.images / base["total"] - args.images / base["steady"])
+            extra = startup(r) - startup(base)
             if gain > 0:
                 print(f"{name}: ahead of (1) overall from about {extra / gain:.0f} images "
                       f"({extra:.1f} s more start-up, {gain * 1000:.0f} ms less per image)")
