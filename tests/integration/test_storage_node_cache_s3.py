@@ -8,6 +8,7 @@ environment the forkserver was started with.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -359,6 +360,47 @@ def test_a_copy_is_revalidated_with_one_head_and_used_while_the_store_is_down(s3
     storage.write_text(f"{root}/runs/ckpt/digest.txt", "sha256:two")
     second = node_cache.local_copy(f"{root}/runs/ckpt", cache_dir=cache)
     assert second != first and (second / "weights.pt").read_text() == "w2"
+
+
+def test_a_data_set_with_an_index_is_revalidated_with_one_head_and_one_without_is_listed(
+        s3_bucket: str, tmp_path: Path, s3_operations, capsys) -> None:
+    """Issue 18, 4: a data set folder (no digest.txt) was listed again at every use (each Train worker start). With
+    ``sarl index`` written, a use asks one HEAD of the index, which is not part of the copy; a changed folder is
+    fetched again once its index is rewritten. Without an index, a use lists the prefix, as before."""
+    from sarl.cli import main
+
+    root = f"s3://{s3_bucket}"
+    folder = tmp_path / "shapes"
+    (folder / "images").mkdir(parents=True)
+    for i in range(3):
+        (folder / "images" / f"{i}.png").write_bytes(b"png%d" % i)
+    (folder / "labels.csv").write_text("path,cat\nimages/0.png,1\n")
+    for name in ("indexed", "plain"):
+        storage.upload_dir(folder, f"{root}/data/{name}")
+    assert main(["index", f"{root}/data/indexed/"]) == 0
+    assert "4 objects" in capsys.readouterr().out
+    index = json.loads(storage.read_text(f"{root}/data/indexed/{node_cache.INDEX_NAME}"))
+    assert index["objects"] == 4 and index["bytes"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    cache = tmp_path / "cache"
+    first = node_cache.local_copy(f"{root}/data/indexed", cache_dir=cache)
+    plain = node_cache.local_copy(f"{root}/data/plain", cache_dir=cache)
+    assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()) == [
+        "images/0.png", "images/1.png", "images/2.png", "labels.csv"]  # the index is not part of the copy
+
+    s3_operations.clear()
+    assert node_cache.local_copy(f"{root}/data/indexed", cache_dir=cache) == first
+    assert s3_operations == ["HeadObject"]  # the index's; no ListObjectsV2
+    s3_operations.clear()
+    assert node_cache.local_copy(f"{root}/data/plain", cache_dir=cache) == plain
+    assert "ListObjectsV2" in s3_operations  # no index: the prefix is listed
+
+    storage.write_text(f"{root}/data/indexed/labels.csv", "path,cat\nimages/1.png,1\n")
+    node_cache.write_index(f"{root}/data/indexed")
+    second = node_cache.local_copy(f"{root}/data/indexed", cache_dir=cache)
+    assert second != first and (second / "labels.csv").read_text().startswith("path,cat\nimages/1.png")
+    assert json.loads(storage.read_text(f"{root}/data/indexed/{node_cache.INDEX_NAME}"))["version"] != index["version"]
+    with pytest.raises(FileNotFoundError):
+        node_cache.write_index(f"{root}/data/nothing-here")
 
 
 # ------------------------------------------------------------------------------------------ S3 feature cache

@@ -1,8 +1,9 @@
 """The ``sarl`` command: ``sarl demo | train | evaluate | export | protocol | tune | serve | predict | calibrate |
-complete | vocab | config``.
+complete | annotate | vocab | index | config``.
 
 Each subcommand is a small function over the library, in the module of its group: ``train`` (training runs and
-what is measured on them), ``serve``, ``label`` (predict, calibrate, complete), ``vocab``, ``config``."""
+what is measured on them), ``serve``, ``label`` (predict, calibrate, complete), ``annotate``, ``vocab``, ``data``
+(index), ``config``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import sys
 
 from ..model.config import ConfigError
 from ..platform.storage import StorageError
-from . import annotate, config, label, serve, train, vocab
+from . import annotate, config, data, label, serve, train, vocab
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarl", description="SARL: multi-label recognition with partial labels")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (train, serve, label, annotate):
+    for group in (train, serve, label, annotate, data):
         group.add_parsers(sub)
     vocab.add_vocab_parser(sub)
     config.add_parsers(sub)

@@ -3,10 +3,11 @@ per machine and version into ``$SARL_CACHE_DIR`` (default ``~/.cache/sarl``) and
 processes of the node (Train workers, Serve replicas, Data tasks) with file locks; entries nobody uses are evicted
 beyond ``$SARL_CACHE_MAX_BYTES``. URI I/O itself is ``storage``.
 
-A URI copied before is looked at here first: one HEAD (of the object, or of a checkpoint directory's
-``digest.txt``; other directories are listed) says whether the copy is current, and while the store cannot be
-reached the copy is used as it is, with a warning, so a worker or replica restarting during an S3 outage starts
-from its node's copy instead of failing.
+A URI copied before is looked at here first: one HEAD says whether the copy is current (of the object; of a
+checkpoint directory's ``digest.txt``; of a directory's index, ``.sarl-index.json``, which :func:`write_index`
+writes, e.g. ``sarl index s3://bucket/coco``; a directory with neither is listed again), and while the store
+cannot be reached the copy is used as it is, with a warning, so a worker or replica restarting during an S3 outage
+starts from its node's copy instead of failing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def default_cache_dir() -> Path:
 
 _MANIFEST = "manifest.json"
 DIGEST_NAME = "digest.txt"  # a checkpoint's digest of its files: one HEAD of it revalidates the whole copy
+INDEX_NAME = ".sarl-index.json"  # a directory's version (write_index): one HEAD of it instead of a listing
 _ENTRY_RE = re.compile(r"[0-9a-f]{24}-[0-9a-f]{16}")  # <hash of the URI>-<hash of its objects' ETags>
 _STAGING_RE = re.compile(r"\.([0-9a-f]{24}-[0-9a-f]{16})\..+")  # .<entry>.<random>: a download in progress
 _TRASH_PREFIX = ".trash-"
@@ -203,7 +205,7 @@ def _sweep(cache: Path, current: Path, max_bytes: int | None) -> None:
 
 def _pointer(cache: Path, uri: str) -> Path:
     """``<hash of the URI>.json`` (the hash its entries' names start with): the URI's last published entry, and
-    the one object whose ETag says whether it is still current (the object itself, or a directory's
+    the one object whose ETag says whether it is still current (the object itself, or a directory's index or
     ``digest.txt``; none for other directories)."""
     return cache / f"{_uri_hash(uri)}.json"
 
@@ -215,8 +217,8 @@ def _uri_hash(uri: str) -> str:
 
 def _current_copy(cache: Path, uri: str, bucket: str, key: str, name: str) -> Path | None:
     """The published entry of ``uri`` on this node if it is still current, checked with one HEAD (a directory
-    without ``digest.txt``: one listing), or whatever the store says if it cannot be reached (a warning says
-    so). None when there is no entry, or the store has a newer version."""
+    with neither an index nor ``digest.txt``: one listing), or whatever the store says if it cannot be reached (a
+    warning says so). None when there is no entry, or the store has a newer version."""
     try:
         pointer = json.loads(_pointer(cache, uri).read_text())
     except (OSError, ValueError):
@@ -230,7 +232,7 @@ def _current_copy(cache: Path, uri: str, bucket: str, key: str, name: str) -> Pa
             head = storage.head_object(bucket, check["key"], fail_fast=True)
             return entry if head is not None and head["ETag"] == check["etag"] else None
         objects = json.loads((entry / _MANIFEST).read_text())["objects"]
-        return entry if _versions(_plan(bucket, key, name, fail_fast=True)) == objects else None
+        return entry if _versions(_plan(bucket, key, name, fail_fast=True)[0]) == objects else None
     except Exception as error:  # noqa: BLE001 - only an unreachable store is answered from the copy
         if not storage.is_unreachable(error):
             raise
@@ -244,8 +246,11 @@ def _versions(plan: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {k: v["etag"] for k, v in plan.items()}
 
 
-def _plan(bucket: str, key: str, name: str, fail_fast: bool = False) -> dict[str, dict[str, Any]]:
-    """What ``local_copy`` of ``s3://bucket/key`` downloads: path in the entry -> {key, etag, size}."""
+def _plan(bucket: str, key: str, name: str, fail_fast: bool = False
+          ) -> tuple[dict[str, dict[str, Any]], dict[str, str] | None]:
+    """What ``local_copy`` of ``s3://bucket/key`` downloads (path in the entry -> {key, etag, size}), and the one
+    object whose ETag versions it all (``{key, etag}``: the object itself; a directory's index, which is not
+    downloaded, or its ``digest.txt``), or None (a file with side files, a directory with neither)."""
     head = storage.head_object(bucket, key, fail_fast=fail_fast)
     if head is not None:
         plan = {name: {"key": key, "etag": head["ETag"], "size": head.get("ContentLength", 0)}}
@@ -254,12 +259,39 @@ def _plan(bucket: str, key: str, name: str, fail_fast: bool = False) -> dict[str
                 rest = obj["Key"][len(key) :]
                 if "/" not in rest:  # <name>.vectors.npy beside it, not a "directory" <name>.d/...
                     plan[name + rest] = {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
-        return plan
+        return plan, ({"key": key, "etag": head["ETag"]} if len(plan) == 1 else None)
     prefix = storage.dir_prefix(key)
     root = Path(name)
-    return {storage.safe_destination(root, obj["Key"][len(prefix) :], f"s3://{bucket}/{obj['Key']}").as_posix():
-            {"key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
-            for obj in storage.list_objects(bucket, prefix, fail_fast=fail_fast)}
+    plan, index = {}, None
+    for obj in storage.list_objects(bucket, prefix, fail_fast=fail_fast):
+        if obj["Key"] == prefix + INDEX_NAME:
+            index = {"key": obj["Key"], "etag": obj["ETag"]}
+            continue
+        plan[storage.safe_destination(root, obj["Key"][len(prefix) :], f"s3://{bucket}/{obj['Key']}").as_posix()] = {
+            "key": obj["Key"], "etag": obj["ETag"], "size": obj.get("Size", 0)}
+    digest = plan.get(f"{name}/{DIGEST_NAME}")
+    return plan, index or ({"key": digest["key"], "etag": digest["etag"]} if digest else None)
+
+
+def write_index(uri: str) -> dict[str, Any]:
+    """Write the index of the ``s3://`` directory ``uri`` (``<uri>/.sarl-index.json``) and return it: the number,
+    bytes and version (a digest of every key, ETag and size) of its objects. A node cache holding a copy of the
+    directory then revalidates it with one HEAD of the index instead of listing the prefix (a data set: every
+    Train worker start, every evaluation task). Rewrite it after changing the directory: a copy stays current as
+    long as the index does."""
+    if not storage.is_s3(uri):
+        raise storage.StorageError(f"{uri}: an index is for an s3:// directory (local paths are read as they are)")
+    bucket, key = storage.parse_s3(str(uri).rstrip("/"))
+    prefix = storage.dir_prefix(key)
+    objects = sorted((o["Key"][len(prefix) :], o["ETag"], o.get("Size", 0))
+                     for o in storage.list_objects(bucket, prefix) if o["Key"] != prefix + INDEX_NAME)
+    if not objects:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    index = {"version": "sha256:" + hashlib.sha256(json.dumps(objects).encode()).hexdigest(),
+             "objects": len(objects), "bytes": sum(size for _, _, size in objects),
+             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_text(f"s3://{bucket}/{prefix}{INDEX_NAME}", json.dumps(index, indent=1) + "\n")
+    return index
 
 
 def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = None) -> Path:
@@ -281,9 +313,9 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
       cache holds more than ``max_bytes`` (default ``$SARL_CACHE_MAX_BYTES``; unset: no bound). An entry is only
       removed by a process that takes its use lock exclusively without waiting, so never while in use.
 
-    A URI copied before is revalidated first (one HEAD when it is a file or a directory with ``digest.txt``, a
-    listing otherwise, both with the fail-fast client); if the store cannot be reached then, its last published
-    entry is returned as it is and a warning says so.
+    A URI copied before is revalidated first (one HEAD when it is a file, or a directory with an index
+    (:func:`write_index`) or ``digest.txt``; a listing otherwise; with the fail-fast client); if the store cannot
+    be reached then, its last published entry is returned as it is and a warning says so.
 
     Raises ``FileNotFoundError`` if nothing is at ``uri``, ``StorageError`` for a key that would land outside
     the entry (see :func:`download_dir`).
@@ -300,7 +332,7 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
         _hold(current)
         if _published(current):  # not evicted between the check and the hold
             return _used(cache, current, name, max_bytes)
-    plan = _plan(bucket, key, name)
+    plan, check = _plan(bucket, key, name)
     if not plan:
         raise FileNotFoundError(uri)
     version = hashlib.sha256(json.dumps(_versions(plan), sort_keys=True).encode())
@@ -326,8 +358,9 @@ def local_copy(uri: Uri, cache_dir: Uri | None = None, max_bytes: int | None = N
                     shutil.rmtree(staging, ignore_errors=True)
         finally:
             os.close(fd)
-    check = next(({"key": v["key"], "etag": v["etag"]} for k, v in plan.items()
-                  if k == name and len(plan) == 1 or k == f"{name}/{DIGEST_NAME}"), None)
+    if check is None and name not in plan:  # a directory
+        log.info("%s: a directory without %s: each use lists its %d objects to revalidate the copy (sarl index "
+                 "%s writes one)", uri, INDEX_NAME, len(plan), uri)
     pointer = _pointer(cache, uri)
     staged = pointer.with_name(f".{pointer.name}.{uuid.uuid4().hex}")
     staged.write_text(json.dumps({"entry": entry.name, "check": check}))
