@@ -65,18 +65,25 @@ def test_complete_fills_unknown_entries_keeps_annotated_ones_and_suggests(traine
     _, trained_vocabulary, _ = read_checkpoint_meta(trained)
     categories = trained_vocabulary.names
     manifest, truth = partially_labelled(tmp_path / "data", categories)
+    before = [json.loads(line) for line in manifest.read_text().splitlines()]
+    broken = next(i for i, b in enumerate(before) if b.get("unknown"))
+    (manifest.parent / before[broken]["path"]).write_bytes(b"not an image")  # unreadable: nothing to fill
     output = tmp_path / "completed.jsonl"
     code = main(["complete", "--checkpoint", trained, "--manifest", str(manifest), "--output", str(output),
                  "--suggest", "10", "--address", ray.get_runtime_context().gcs_address])
     assert code == 0
-    before = [json.loads(line) for line in manifest.read_text().splitlines()]
+    printed = capsys.readouterr()
+    assert "annotated entries unchanged" in printed.out
+    assert f"1 of {len(before)} images have no prediction" in printed.err  # said, not only counted
     after = [json.loads(line) for line in output.read_text().splitlines()]
     assert [a["path"] for a in after] == [b["path"] for b in before]
     filled = correct = 0
     for i, (b, a) in enumerate(zip(before, after)):
         for j, name in enumerate(categories):
             entry = a["entries"][name]
-            if name in b.get("unknown", []):
+            if i == broken:
+                assert name not in b["unknown"] or (entry["state"], entry["score"]) == (-1, None), entry
+            elif name in b.get("unknown", []):
                 assert entry["source"] in ("predicted", "unsure") and entry["score"] is not None
                 if entry["source"] == "predicted":
                     filled += 1
@@ -94,7 +101,6 @@ def test_complete_fills_unknown_entries_keeps_annotated_ones_and_suggests(traine
     assert len(suggested) == 10
     margins = [abs(float(s["score"]) - float(s["threshold"])) for s in suggested]
     assert margins == sorted(margins) and all(m < 0.15 for m in margins)  # the least settled, in order
-    assert "annotated entries unchanged" in capsys.readouterr().out
 
 
 def _documented_submit_line(job_file: Path) -> str:

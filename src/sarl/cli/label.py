@@ -75,6 +75,9 @@ def _complete(args: argparse.Namespace) -> int:
           f"{counts['still_unknown']} still unknown (within {config.band} of the threshold); annotated entries "
           f"unchanged. Written: {counts['output']}"
           + (f"; the {counts['suggested']} to annotate next: {counts['suggest_file']}" if config.suggest else ""))
+    if counts["unscored"]:  # unreadable images, or rows the predictions do not name
+        print(f"sarl complete: {counts['unscored']} of {counts['images']} images have no prediction; their unknown "
+              f"entries stay unknown (unreadable ones: {predictions}/errors-*.jsonl)", file=sys.stderr)
     return 0
 
 
