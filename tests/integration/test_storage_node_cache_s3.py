@@ -409,6 +409,7 @@ def test_two_machines_missing_one_feature_entry_compute_it_once(s3_bucket: str, 
     """Issue 18, 10: trials of one sweep on two machines (two local mirrors, one S3 root) miss the same entry at
     once: one computes it under the lease, the other waits and downloads it; a lease whose holder died (not
     rewritten for LEASE_TTL_S) is taken over."""
+    import contextlib
     import threading
 
     from tests.unit.model.test_features import key_for, shapes, tiny
@@ -422,15 +423,27 @@ def test_two_machines_missing_one_feature_entry_compute_it_once(s3_bucket: str, 
     root = f"s3://{s3_bucket}/features"
     results: dict[str, tuple] = {}
 
+    both_missed = threading.Barrier(2, timeout=60)
+    computing = feature_store.S3FeatureStore.computing
+
+    @contextlib.contextmanager
+    def after_both_missed(store: feature_store.S3FeatureStore, digest: str) -> Iterator[None]:
+        both_missed.wait()  # neither machine goes on before both have missed the entry: a true race
+        with computing(store, digest):
+            yield
+
     def machine(name: str) -> None:
         cache = FeatureCache(tmp_path / name, remote=feature_store.S3FeatureStore(root))
         results[name] = cache.get_or_compute(model, ds, key, batch_size=4)
 
+    monkeypatch.setattr(feature_store.S3FeatureStore, "computing", after_both_missed)
     threads = [threading.Thread(target=machine, args=(name,)) for name in ("one", "two")]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
+    monkeypatch.setattr(feature_store.S3FeatureStore, "computing", computing)
+    assert not both_missed.broken
     assert sorted(hit for _, hit in results.values()) == [False, True], results  # one computed, one downloaded
     one, two = (np.asarray(results[name][0].dense) for name in ("one", "two"))
     assert np.array_equal(one, two)
