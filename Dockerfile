@@ -11,5 +11,9 @@ COPY --chown=ray:users src ./src
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users serve_configs ./serve_configs
 RUN sh scripts/install.sh python
-# The node cache (s3:// data and checkpoints, one copy per node): the manifests mount a node-local volume here.
+# The node cache (s3:// data and checkpoints, one copy per node): the manifests mount a node-local volume here
+# (made the ray user's by an init container); without one, the image's own directory, also the ray user's.
 ENV SARL_CACHE_DIR=/sarl-cache
+USER root
+RUN mkdir -p /sarl-cache && chown ray:users /sarl-cache
+USER ray

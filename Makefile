@@ -4,15 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The Label Studio server the tests start lives in a venv of its own: its dependencies are not Ray's.
 VENV_LS := .venv-ls
-# PyTorch wheels: pinned here so a fresh machine takes the builds that lie on its disk.
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup label-studio demo test test-fast bench lint clean
 
-# The install step is scripts/install.sh, the cluster image's too (Dockerfile).
+# The install step is scripts/install.sh, the cluster image's too (Dockerfile): the PyTorch pins are its own, so
+# both install the same wheels (`make setup TORCH_PINS="torch==..."` overrides them here).
 $(BIN)/sarl: pyproject.toml scripts/install.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	TORCH_PINS="$(TORCH_PINS)" sh scripts/install.sh $(BIN)/python test
+	sh scripts/install.sh $(BIN)/python test
 	touch $(BIN)/sarl
 
 setup: $(BIN)/sarl

@@ -2,7 +2,8 @@
 # The install step of every environment this project runs in: `make setup` (.venv, with the test extras) and the
 # cluster image (Dockerfile, which the KubeRay manifests in jobs/kuberay/ name).
 #   scripts/install.sh PYTHON [EXTRAS]        e.g. scripts/install.sh .venv/bin/python test
-# TORCH_PINS (environment) overrides the PyTorch wheels.
+# The PyTorch wheels are pinned here only, so a fresh machine takes the builds that lie on its disk and the image
+# gets the same ones; TORCH_PINS (environment) overrides them.
 set -eu
 PYTHON=$1
 EXTRAS=${2:-}
