@@ -105,11 +105,24 @@ def test_worker_failure_in_epoch_2_is_recovered_from_checkpoints_in_s3(ray_clust
     assert evaluated["mAP"] == pytest.approx(result["metrics"]["val_mAP"], abs=1e-3)
 
 
+def scratch_left(job_config, rank=None):
+    """The names of the run's temporary directories in this node's /tmp: the worker scratch (resume copy, mask) of
+    ``rank`` (every rank's when None) and rank 0's checkpoint staging."""
+    prefixes = (scratch_prefix(job_config, "worker", rank), scratch_prefix(job_config, "checkpoint"))
+    return sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(prefixes))
+
+
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(ray_cluster, tmp_path):
+    failing = job(tmp_path / "runs", "resume", "run.fail_once_at_epoch=2", "run.max_failures=0",
+                  "run.keep_checkpoints=5")
     with pytest.raises(Exception, match="injected failure"):
-        run_training(job(tmp_path / "runs", "resume", "run.fail_once_at_epoch=2", "run.max_failures=0",
-                         "run.keep_checkpoints=5"))
+        run_training(failing)
+    # Issue 18, 7c: no restart follows (max_failures 0), so no later attempt's start-up clears /tmp: the rank that
+    # raised removed its resume scratch and any checkpoint not yet uploaded itself, on its way out. (Rank 1, which
+    # Train kills once rank 0 has failed, cannot: the rerun's start-up removes its scratch, checked below.)
+    assert scratch_left(failing, rank=0) == []
     result = run_training(job(tmp_path / "runs", "resume", "run.keep_checkpoints=5"))
+    assert scratch_left(failing) == []  # the killed rank's scratch went at the rerun's start, the rerun's at its end
     assert epochs_reported(result) == [1, 2]  # epoch 1 from the first attempt, epoch 2 from the rerun only
     assert [row["epoch"] for row in raw_history(tmp_path / "runs", "resume")] == [1, 2]  # not started over
     with pytest.raises(ConfigError) as info:  # the same name with a changed job: refused before Ray is asked

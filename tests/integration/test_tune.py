@@ -41,13 +41,20 @@ def _epochs(progress_csv: str) -> list[int]:
 
 
 def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job_reproduces(ray_cluster, tmp_path):
-    """Ctrl-C once a trial finished and another reported its first epoch or two (ASHA's first rung is epoch 1), then
-    the same sweep again. ASHA (grace 1, reduction 3, 3 epochs: a rung at epoch 1, max_t 3) decides on the
-    reported epoch: a resumed trial continues at epoch k+1 while its Tune iteration starts at 1 again. The resumed
-    sweep's results are then those of any sweep: every grid point, conditional parameters only where they apply,
-    trials stopped early, the tables and plot, and a best job that reproduces its score under ``sarl train``."""
-    import ray
+    """Ctrl-C once a trial finished and another reported its first epoch or two (ASHA's first rung is epoch 1), or
+    the first two trials both finished (the last two then start in the resumed sweep), then the same sweep again.
+    ASHA (grace 1, reduction 3, 3 epochs: a rung at epoch 1, max_t 3) decides on the reported epoch: a resumed
+    trial continues at epoch k+1 while its Tune iteration starts at 1 again. The resumed sweep's results are then
+    those of any sweep: every grid point, conditional parameters only where they apply, trials stopped early, the
+    tables and plot, and a best job that reproduces its score under ``sarl train``.
 
+    Issue 18, 7b on the local cluster (``init_ray`` starting one, as ``sarl tune`` without ``--address`` does, and
+    the session's cluster): a trial ASHA stops in this process takes its Train controller with it, and Train's
+    detached cleaner must remove the run's placement group; this driver lives on, so nothing else would."""
+    import ray
+    from ray.util import placement_group_table
+
+    groups_before = set(placement_group_table())
     storage_path = tmp_path / "tune"
     overrides = [f"storage_path={storage_path}", "overrides.train.epochs=3", *SMALL]
     args = [str(Path(sys.executable).parent / "sarl"), "tune", "--config", str(SWEEP), "--address",
@@ -61,7 +68,9 @@ def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job
             time.sleep(0.5)
             progress = _progress(experiment)
             finished = [name for name, text in progress.items() if len(_epochs(text)) == 3]
-            if finished and any(len(_epochs(text)) in (1, 2) for text in progress.values()):
+            # Both first trials finished: waiting for a report of the next two let the sweep end before the Ctrl-C
+            # (seen), and the resumed sweep then ran nothing.
+            if finished and (len(finished) > 1 or any(len(_epochs(text)) in (1, 2) for text in progress.values())):
                 break
         assert finished, "no trial finished in time"
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and exits
@@ -76,6 +85,16 @@ def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job
     result = run_sweep(sweep, job, resume=True)
     after = _progress(experiment)
     assert len(result["trials"]) == 4 and all(t["error"] is None for t in result["trials"]), result["trials"]
+
+    def live_groups() -> dict[str, str]:  # the sweep's placement groups (Tune's and Train's) not yet removed
+        return {pg: row["state"] for pg, row in placement_group_table().items()
+                if pg not in groups_before and row["state"] != "REMOVED"}
+
+    deadline = time.monotonic() + 30  # the cleaner looks once a second
+    while live_groups() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert live_groups() == {}
+    assert len(set(placement_group_table()) - groups_before) >= 4  # one of Train's per trial at least
     for name in finished:  # not rerun: the same rows, no more
         assert after[name] == before[name]
     train_runs = {h.parent.name: h for h in (experiment / "train").glob("*/history.jsonl")}
@@ -94,6 +113,11 @@ def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job
             assert trial["status"] == "stopped early" and seen[-1] == 1, (trial, seen, epochs)
 
     trials = result["trials"]
+    # ... and such a trial was stopped in this process, before its Train run's last epoch (a run that finished
+    # before ASHA's stop landed reads "stopped early" too, but shut its controller down and freed its group itself)
+    resumed = {"_".join(name.split("_")[2:4]) for name, text in after.items() if text != before.get(name)}
+    assert any(t["trial_id"] in resumed and t["status"] == "stopped early" and t["epochs"] < 3 for t in trials), (
+        resumed, trials)
     assert {t["params"]["loss.name"] for t in trials} == {"asl", "wan"}
     assert {t["params"]["model.fusion"] for t in trials} == {"bilinear", "dot"}
     assert any(t["status"] == "stopped early" and t["stopped_at"] < 3 for t in trials), trials
@@ -117,7 +141,7 @@ def test_sweep_with_storage_and_feature_cache_in_s3_and_whole_node_workers(ray_c
     Custom driver resources that no node has are refused up front."""
     import ray
 
-    # The biggest node's CPUs, or what is free of them (earlier tests may leave a placement group behind).
+    # The biggest node's CPUs, or what is free of them (the session's Serve apps may hold some).
     node_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     node_cpus = min(node_cpus, int(ray.available_resources().get("CPU", 0) * 10) / 10)
     assert node_cpus >= 1, ray.available_resources()

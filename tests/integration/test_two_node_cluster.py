@@ -222,13 +222,17 @@ def test_a_sweep_trains_on_s3_data_on_the_worker_node_and_a_stopped_trial_frees_
     """Item 1 for Tune: a trial's workers copy the data themselves (the trial driver's node is not theirs).
 
     Issue 18, 7b: ASHA stops the second trial (learning rate 1e-9: no better than its initial weights at the rung,
-    epoch 1, of 2) while Train runs; its controller dies with the trial, and Train's detached cleaner must remove
+    epoch 1, of 8) while Train runs; its controller dies with the trial, and Train's detached cleaner must remove
     the placement group, through the State API, which it reaches at the address the job gives it. Before, a
-    stopped trial's placement group (and its CPUs) stayed until the driver ended and the cleaner spun forever."""
+    stopped trial's placement group (and its CPUs) stayed until the driver ended and the cleaner spun forever.
+    Epochs last about 0.2 s here, and Train goes on while Tune decides: with 2 epochs, a busy machine could let the
+    stopped trial's Train run finish first (and its controller free the group itself); 8 leave it seven to go when
+    the stop lands, for about a second more of the first trial."""
     import ray
     from ray.util import placement_group_table
 
     from sarl.model.config import from_dict, to_dict
+    from sarl.platform.runs import Run
     from sarl.platform.tune import SweepConfig, run_sweep
 
     sweep = from_dict(SweepConfig, {"name": "sweep2n", "space": {"optim.lr": {"grid": [0.01, 1e-9]}},
@@ -237,9 +241,17 @@ def test_a_sweep_trains_on_s3_data_on_the_worker_node_and_a_stopped_trial_frees_
                                     "resources": {"num_workers": 1, "cpus_per_worker": 1.0},
                                     "storage_path": f"s3://{s3_data['bucket']}/tune",
                                     "output_dir": str(tmp_path / "results")})
-    result = run_sweep(sweep, to_dict(s3_job(s3_data, "unused", "scaling.num_workers=1", "train.epochs=2")))
+    epochs = 8
+    result = run_sweep(sweep, to_dict(s3_job(s3_data, "unused", "scaling.num_workers=1", f"train.epochs={epochs}")))
     assert [t["status"] for t in result["trials"]] == ["completed", "stopped early"], result["trials"]
+    completed, stopped = result["trials"]
+    # "stopped early" is Tune's view (its last epoch); the epochs are those Train committed. A Train run that ended
+    # before the stop landed would have all of them, and its controller shut down and removed its group itself.
+    assert completed["epochs"] == epochs and stopped["epochs"] < epochs, result["trials"]
     assert not Path(s3_data["driver_cache"]).exists()
+    rows = Run(storage.join(sweep.storage_path, sweep.name, "train"), completed["trial_id"]).history()
+    print(f"epochs trained {[t['epochs'] for t in result['trials']]} of {epochs}; the completed trial's epoch "
+          f"seconds {[round(r['epoch_seconds'], 1) for r in rows]}")
 
     def held() -> tuple[list[str], float]:
         live = [pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"]
