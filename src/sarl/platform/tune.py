@@ -283,6 +283,16 @@ def _tune_config(sweep: SweepConfig, max_epochs: int, train_storage: str) -> Any
                            scheduler=scheduler, search_alg=search)
 
 
+def _has_dashboard() -> bool:
+    """Whether the connected cluster runs a dashboard (which serves the State API Train's cleaner asks)."""
+    try:  # a private API; when it moves, assume Ray's default (a dashboard runs)
+        from ray._private.worker import get_dashboard_url
+
+        return bool(get_dashboard_url())
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = None,
               resume: bool = False) -> dict[str, Any]:
     """Run the sweep, or with ``resume`` continue the one of its name; write the results; returns {trials, best,
@@ -309,6 +319,10 @@ def run_sweep(sweep: SweepConfig, job: dict[str, Any], address: str | None = Non
     elif resume:
         log.info("sweep %s: nothing to resume in %s, starting it", sweep.name, sweep.storage_path)
     init_ray(address or job.get("address"))
+    if sweep.scheduler.name == "asha" and not _has_dashboard():
+        log.warning("sweep %s: this Ray cluster runs no dashboard, so Train's placement group cleaner cannot see "
+                    "that the controller of a trial ASHA stopped is gone: the trial's CPUs and GPUs stay reserved "
+                    "until the job ends. Start the cluster with its dashboard (Ray's default)", sweep.name)
     keep_credentials_out_of_trials()
     train_storage = storage.join(sweep.storage_path if storage.is_s3(sweep.storage_path) else path,
                                  sweep.name, "train")
