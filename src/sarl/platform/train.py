@@ -30,6 +30,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -90,22 +92,53 @@ def _maybe_fail(job: JobConfig, epoch: int, rank: int) -> None:
 
 def scratch_prefix(job: JobConfig, kind: str, rank: int | None = None) -> str:
     """The prefix of a worker's temporary directories of ``kind`` (``worker``: a rank's resume copy and mask;
-    ``checkpoint``: rank 0's epoch files until they are uploaded), named after the run (and its storage)."""
+    ``checkpoint``: rank 0's epoch files until they are uploaded), named after the run (and its storage); the
+    owner's process id follows (:func:`scratch_dir`)."""
     digest = hashlib.sha256(Run.of(job).uri.encode()).hexdigest()[:8]
     return f"sarl-{kind}-{job.run_name}-{digest}-" + ("" if rank is None else f"r{rank}-")
+
+
+_SCRATCH_RE = re.compile(r"sarl-(?:worker|checkpoint)-.+-p(\d+)-[a-z0-9_]+")
+
+
+def scratch_dir(job: JobConfig, kind: str, rank: int | None = None) -> Path:
+    """A new temporary directory of ``kind`` (:func:`scratch_prefix`) owned by this process, whose id it names."""
+    return Path(tempfile.mkdtemp(prefix=f"{scratch_prefix(job, kind, rank)}p{os.getpid()}-"))
+
+
+def remove_orphaned_scratch() -> list[str]:
+    """Remove the temporary directories of Train workers of this machine that are gone, of any run (returns their
+    names): a rank Train killed once another failed, or with its trial when ASHA stopped it, never ran its own
+    cleanup. A directory whose owner still runs (another run's, a trial's beside this one) stays."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).iterdir():
+        match = _SCRATCH_RE.fullmatch(path.name)
+        if match and not _running(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Train worker. Its temporary directories go when it ends, a failed attempt's included (the resume copy,
     and checkpoints whose upload never finished: a restart writes them again); a worker Train killed cannot clean
-    up, so each rank first removes what its earlier attempts left on this node."""
+    up, so each worker first removes what dead workers left on this node."""
     job = from_dict(JobConfig, config["job"])
     rank = ray.train.get_context().get_world_rank()
-    leftovers = (scratch_prefix(job, "worker", rank), *((scratch_prefix(job, "checkpoint"),) if rank == 0 else ()))
-    for path in Path(tempfile.gettempdir()).iterdir():
-        if path.name.startswith(leftovers):
-            shutil.rmtree(path, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(job, "worker", rank)))
+    if removed := remove_orphaned_scratch():
+        log.info("removed %d temporary directories of Train workers that are gone: %s", len(removed),
+                 ", ".join(removed[:3]) + (" ..." if len(removed) > 3 else ""))
+    scratch = scratch_dir(job, "worker", rank)
     staged: list[Path] = []
     try:
         _train(config, job, scratch, staged)
@@ -205,7 +238,7 @@ def _train(config: dict[str, Any], job: JobConfig, scratch: Path, staged: list[P
         rng_states = rank_rng_states(device)  # a collective: each rank's stream goes into the checkpoint
         checkpoint, staging = None, None
         if rank == 0:
-            staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(job, "checkpoint")))  # removed once uploaded
+            staging = scratch_dir(job, "checkpoint")  # removed once uploaded
             staged.append(staging)
             state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": rng_states[0], "rng_per_rank": rng_states}

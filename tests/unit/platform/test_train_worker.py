@@ -120,3 +120,30 @@ def test_a_trial_driver_takes_its_cpu_from_the_trials_budget_or_lives_on_the_hea
         load_sweep(REPO / "jobs" / "sweep_demo.yaml", ["resources.driver_cpus=0"])
     with pytest.raises(ConfigError, match="must be below resources.cpus_per_worker"):
         load_sweep(REPO / "jobs" / "sweep_demo.yaml", ["resources.driver_cpus=1"])
+
+
+def test_the_scratch_of_workers_that_are_gone_is_removed_and_a_running_ones_stays(tmp_path, monkeypatch):
+    """Issue 18, 7c: a rank Train killed (another failed; its trial was stopped) never runs its cleanup; the next
+    Train worker on the machine removes what it left, of any run, but not the directories of a worker that runs."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from sarl.platform.train import remove_orphaned_scratch, scratch_dir, scratch_prefix
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    job, other = (_job(f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}") for name in ("a", "b-p7-x"))
+    running = scratch_dir(job, "worker", 0)  # this process's
+    assert running.parent == tmp_path and running.name.startswith(scratch_prefix(job, "worker", 0))
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    dead = [tmp_path / f"{scratch_prefix(job, 'worker', 1)}p{gone}-k2j_9xq1",
+            tmp_path / f"{scratch_prefix(other, 'checkpoint')}p{gone}-0abcdefg"]
+    for path in dead:
+        path.mkdir()
+        (path / "weights.pt").write_bytes(b"w")
+    unrelated = [tmp_path / "sarl-label-studio-0abcdefg", tmp_path / f"{scratch_prefix(job, 'worker', 1)}leftover"]
+    for path in unrelated:
+        path.mkdir()
+    assert sorted(remove_orphaned_scratch()) == sorted(p.name for p in dead)
+    assert running.is_dir() and all(p.is_dir() for p in unrelated) and not any(p.exists() for p in dead)
