@@ -24,12 +24,18 @@ first shard to the end, which credited that window with the images the lag had h
 (1). "start-up s" is a run's time beyond its images at its steady rate; the last lines say from how many images
 on a mode's lower cost per image pays back its longer start-up.
 
+Last, the floor of that start-up: how long two fresh actors on the same cluster take to come up empty, and to
+import what a scoring actor imports before its constructor runs (Ray Data unpickles the map function, which
+imports ``sarl.platform.predict``: torch, open_clip with torchvision and timm; and ``ray.data``), before any model
+is loaded; and how many images the 2 actors' lower cost per image needs to pay back those imports alone.
+
     python bench/predict.py [--model rn50|tiny] [--images 256] [--batch-size 16] [--cpus N] [--old-shares]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
@@ -108,6 +114,28 @@ def ray_predict(checkpoint: Path, folder: Path, output: Path, actors: int, batch
             "from_first_shard": (n - shard_size) / (done - shards[0]) if len(shards) > 1 else float("nan")}
 
 
+def actors_up(actors: int, cpus: int, modules: tuple[str, ...]) -> float:
+    """Seconds until ``actors`` fresh actors of ``cpus / actors`` CPUs each have imported ``modules``."""
+    import ray
+
+    @ray.remote
+    class Importer:
+        def __init__(self, names: tuple[str, ...]) -> None:
+            for name in names:
+                importlib.import_module(name)
+
+        def ready(self) -> None:
+            return None
+
+    started = time.perf_counter()
+    handles = [Importer.options(num_cpus=cpus / actors).remote(modules) for _ in range(actors)]
+    ray.get([handle.ready.remote() for handle in handles])
+    seconds = time.perf_counter() - started
+    for handle in handles:
+        ray.kill(handle)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="rn50")
@@ -140,6 +168,8 @@ def main() -> None:
             results[f"({actors + 1}) sarl predict, {actors} actor{'s' if actors > 1 else ''}"] = ray_predict(
                 checkpoint, tmp / "images", tmp / f"out{actors}", actors, args.batch_size, args.cpus, shard,
                 args.old_shares)
+        floor = {"empty": actors_up(2, args.cpus, ()),
+                 "imports": actors_up(2, args.cpus, ("ray.data", "sarl.platform.predict"))}
         ray.shutdown()
         base = results["(1) plain loop, 1 process"]
         print(f"\n{'mode':<30} {'images/s':>9} {'ratio':>6}   {'steady images/s':>15} {'ratio':>6}   "
@@ -159,6 +189,13 @@ def main() -> None:
             if gain > 0:
                 print(f"{name}: ahead of (1) overall from about {extra / gain:.0f} images "
                       f"({extra:.1f} s more start-up, {gain * 1000:.0f} ms less per image)")
+        print(f"2 fresh actors, before any model: up in {floor['empty']:.1f} s empty, {floor['imports']:.1f} s having "
+              f"imported the scoring code (the loop's imports precede its clock)")
+        two = list(results.values())[2]
+        gain = 1 / base["steady"] - 1 / two["steady"]
+        if gain > 0:
+            print(f"at (3)'s {gain * 1000:.0f} ms less per image, those imports alone take "
+                  f"{floor['imports'] / gain:.0f} images to pay back ({args.images} here)")
         sys.stdout.flush()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
