@@ -86,9 +86,14 @@ def test_interrupted_sweep_with_asha_resumes_stops_trials_early_and_its_best_job
     after = _progress(experiment)
     assert len(result["trials"]) == 4 and all(t["error"] is None for t in result["trials"]), result["trials"]
 
-    def live_groups() -> dict[str, str]:  # the sweep's placement groups (Tune's and Train's) not yet removed
+    # This driver's placement groups (the resumed sweep's, Tune's and Train's: a group's id ends with its creator's
+    # job id) not yet removed. Not the interrupted subprocess's: once, a group of that job, whose trial was starting
+    # its workers as the Ctrl-C came, was still CREATED here, a minute after the job ended (its removal is Ray's).
+    job_id = ray.get_runtime_context().get_job_id()
+
+    def live_groups() -> dict[str, str]:
         return {pg: row["state"] for pg, row in placement_group_table().items()
-                if pg not in groups_before and row["state"] != "REMOVED"}
+                if pg not in groups_before and pg.endswith(job_id) and row["state"] != "REMOVED"}
 
     deadline = time.monotonic() + 30  # the cleaner looks once a second
     while live_groups() and time.monotonic() < deadline:
