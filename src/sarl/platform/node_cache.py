@@ -282,15 +282,17 @@ def write_index(uri: str) -> dict[str, Any]:
     if not storage.is_s3(uri):
         raise storage.StorageError(f"{uri}: an index is for an s3:// directory (local paths are read as they are)")
     bucket, key = storage.parse_s3(str(uri).rstrip("/"))
-    prefix = storage.dir_prefix(key)
-    objects = sorted((o["Key"][len(prefix) :], o["ETag"], o.get("Size", 0))
-                     for o in storage.list_objects(bucket, prefix) if o["Key"] != prefix + INDEX_NAME)
-    if not objects:
+    name = PurePosixPath(key).name or bucket
+    plan, _ = _plan(bucket, key, name)  # what a copy holds: the index itself left out
+    if name in plan:
+        raise storage.StorageError(f"{uri} is a file: an index is for a directory")
+    if not plan:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    objects = sorted((path, v["etag"], v["size"]) for path, v in plan.items())
     index = {"version": "sha256:" + hashlib.sha256(json.dumps(objects).encode()).hexdigest(),
              "objects": len(objects), "bytes": sum(size for _, _, size in objects),
              "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_text(f"s3://{bucket}/{prefix}{INDEX_NAME}", json.dumps(index, indent=1) + "\n")
+    storage.write_text(f"s3://{bucket}/{storage.dir_prefix(key)}{INDEX_NAME}", json.dumps(index, indent=1) + "\n")
     return index
 
 
