@@ -85,12 +85,16 @@ def cache_volume(pod: dict) -> dict:
     return next(v for v in pod["volumes"] if v["name"] == mount["name"])
 
 
-def shm_bytes(pod: dict) -> float:
-    """The size limit of the memory-backed volume a pod's Ray container mounts at /dev/shm."""
+def shm_volume(pod: dict) -> dict:
+    """The ``emptyDir`` a pod's Ray container mounts at /dev/shm."""
     (container,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     (shm,) = [volumes[m["name"]]["emptyDir"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-    return size_in_bytes(shm["sizeLimit"])
+    return shm
+
+
+def shm_bytes(pod: dict) -> float:
+    return size_in_bytes(shm_volume(pod)["sizeLimit"])
 
 
 # PyTorch's DataLoader prefetches 2 batches per worker when prefetch_factor is not given (src/sarl sets none).
@@ -131,10 +135,7 @@ def test_every_pod_runs_the_project_image_with_shared_memory_and_a_node_cache(pa
         (container,) = pod["containers"]
         assert container["image"] == image
         assert {"secretRef": {"name": "sarl-s3"}} in container["envFrom"]
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
-        shm = mounts["/dev/shm"]["emptyDir"]
-        assert shm["medium"] == "Memory" and size_in_bytes(shm["sizeLimit"]) >= 1024**3  # over 64 MB: many batches
+        assert shm_volume(pod)["medium"] == "Memory" and shm_bytes(pod) >= 1024**3  # over 64 MB: many batches
         assert "hostPath" in cache_volume(pod)  # a node-local disk the node's pods share (flock works on it)
 
 
