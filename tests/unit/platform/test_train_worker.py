@@ -147,3 +147,32 @@ def test_the_scratch_of_workers_that_are_gone_is_removed_and_a_running_ones_stay
         path.mkdir()
     assert sorted(remove_orphaned_scratch()) == sorted(p.name for p in dead)
     assert running.is_dir() and all(p.is_dir() for p in unrelated) and not any(p.exists() for p in dead)
+
+
+def test_a_worker_whose_epoch_fails_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """Issue 18, 7c: a worker that fails after staging an epoch's checkpoint (its upload never started) removes the
+    staging directory and its resume scratch, and the failure still reaches Train."""
+    import tempfile
+
+    import ray.train
+
+    from sarl.platform import train
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    job = _job(f"run.storage_path={tmp_path / 'runs'}")
+    seen = []
+
+    def failing_epoch(config, job, scratch, staged):
+        staging = train.scratch_dir(job, "checkpoint")
+        staged.append(staging)
+        (staging / "weights.pt").write_bytes(b"w")
+        (scratch / "resume.pt").write_bytes(b"r")
+        seen.extend([scratch, staging])
+        raise RuntimeError("the upload's storage went away")
+
+    monkeypatch.setattr(train, "_train", failing_epoch)
+    with pytest.raises(RuntimeError, match="storage went away"):
+        train.train_loop_per_worker({"job": to_dict(job)})
+    assert len(seen) == 2 and all(p.parent == tmp_path for p in seen)
+    assert not any(p.exists() for p in seen) and list(tmp_path.glob("sarl-*")) == []
