@@ -270,7 +270,8 @@ def test_local_serve_config_autoscaling_is_what_serve_reports(ray_cluster, serve
         deployment = details["applications"]["from-config"]["deployments"]["Predictor"]["deployment_config"]
         for key, value in config.deployment["autoscaling_config"].items():
             assert deployment["autoscaling_config"][key] == value, key
-        assert deployment["max_ongoing_requests"] == config.deployment["max_ongoing_requests"]
+        for key in ("max_ongoing_requests", "max_queued_requests"):
+            assert deployment[key] == config.deployment[key], key
         assert deployment["user_config"] == config.deployment["user_config"]
         status = serve.status().applications["from-config"]
         assert status.status == "RUNNING"

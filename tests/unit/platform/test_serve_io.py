@@ -339,6 +339,8 @@ def test_serve_config_files_validate():
         config = read_serve_config(REPO / "serve_configs" / name)
         args = ServeArgs.model_validate(config.args)
         assert config.deployment["ray_actor_options"]["memory"] >= 2 * args.max_buffered_body_bytes + 2**30
+        # a proxy holds the bodies of the requests queued there: a bounded queue, at most what replicas take at once
+        assert 0 < config.deployment["max_queued_requests"] <= config.deployment["max_ongoing_requests"]
     with pytest.raises(ValueError, match="extra"):
         ServeArgs.model_validate({"checkpoint": "x", "checkpoit": "y"})
 

@@ -37,8 +37,9 @@ Memory of a replica, what its ``ray_actor_options.memory`` should ask for (``ser
 
 So 3 GiB for one decode thread and a small model (``local.yaml``), 12 GiB for 4 threads and RN101 on a GPU
 (``production.yaml``); without transparent PNGs of 100 MP, much less. Serve's proxy also holds what a client sent
-until the replica reads it: requests queued for a busy deployment keep their bodies there (the deployment's
-``max_queued_requests`` bounds that queue).
+until the replica reads it: requests queued for a busy deployment keep their bodies there, so the shipped configs
+set the deployment's ``max_queued_requests`` (per proxy; a request beyond it gets 503 at once, without its body
+being held).
 """
 
 import asyncio
