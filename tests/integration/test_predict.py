@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sarl.model import Category, Vocabulary, create_model
-from sarl.model.checkpoint import checkpoint_digest, save_checkpoint
+from sarl.model.checkpoint import checkpoint_digest, export_checkpoint, save_checkpoint
 from sarl.platform import storage
 from sarl.platform.predict import PredictConfig, read_rows, run_predict
 
@@ -108,20 +108,34 @@ def test_a_folder_with_corrupt_files_and_real_photos_scores_as_serve_does(local_
                                                               if p >= thresholds[n])
 
 
-def test_an_s3_prefix_in_and_parquet_out_to_s3(ray_cluster, checkpoint, s3_bucket, s3_server, tmp_path):
+def test_an_s3_prefix_in_and_parquet_out_to_s3_with_an_export(ray_cluster, s3_bucket, s3_server, tmp_path):
+    """An S3 prefix in, Parquet out to S3, with the model given as a ``sarl export`` output, made where the CLIP
+    weights were and scored where they are not (issue 18, 1: every scoring actor refused the export, whose
+    digest.txt had been overwritten with the source's)."""
+    from sarl.model.backbone import build_clip
+    from sarl.model.factory import get_model_config
+
+    weights = tmp_path / "clip-weights.pt"  # a weights source: the run's checkpoint stores only what trained
+    torch.save(build_clip(get_model_config("tiny-rn").clip).state_dict(), weights)
+    vocabulary = Vocabulary([Category(n) for n in CARDS], version="trained")
+    model = create_model("tiny-rn", vocabulary, pretrained=str(weights))
+    source = save_checkpoint(model, tmp_path / "run-checkpoint", extra={"epoch": 7})
+    export = export_checkpoint(source, tmp_path / "export")
+    weights.unlink()  # gone, as where the export is served: only the export loads now
     good, corrupt = make_folder(tmp_path / "images", 12)
     client = boto3.client("s3", endpoint_url=s3_server)
     for path in [*good, *corrupt]:
         client.put_object(Bucket=s3_bucket, Key=f"photos/{path.relative_to(tmp_path / 'images').as_posix()}",
                           Body=path.read_bytes())
     output = f"s3://{s3_bucket}/labelled"
-    summary = run_predict(PredictConfig(checkpoint=str(checkpoint), input=f"s3://{s3_bucket}/photos",
+    summary = run_predict(PredictConfig(checkpoint=str(export), input=f"s3://{s3_bucket}/photos",
                                         output=output, batch_size=4, shard_size=5, actors=1))
     rows = read_rows(output, "parquet")
     expected = {f"s3://{s3_bucket}/photos/{p.relative_to(tmp_path / 'images').as_posix()}" for p in good}
     assert sorted(r["path"] for r in rows) == sorted(expected) and len(rows) == len(expected)
     assert {Path(e["path"]).name for e in read_errors(output)} == set(CORRUPT)
     assert rows[0]["vocabulary_version"] == "trained" and set(rows[0]["scores"]) == set(CARDS)
+    assert {(r["model_id"], r["model_digest"]) for r in rows} == {("export:epoch-7", checkpoint_digest(export))}
     assert summary["written"] == len(good) and storage.exists(f"{output}/summary.json")
 
 
