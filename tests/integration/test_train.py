@@ -82,6 +82,13 @@ def test_train_on_local_storage_and_evaluate(ray_cluster, tmp_path, monkeypatch)
     assert two["OF1"] == pytest.approx(one["OF1"], abs=1e-3)
 
 
+def scratch_left(job_config, rank=None):
+    """The names of the run's temporary directories in this node's /tmp: the worker scratch (resume copy, mask) of
+    ``rank`` (every rank's when None) and rank 0's checkpoint staging."""
+    prefixes = (scratch_prefix(job_config, "worker", rank), scratch_prefix(job_config, "checkpoint"))
+    return sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(prefixes))
+
+
 def test_worker_failure_in_epoch_2_is_recovered_from_checkpoints_in_s3(ray_cluster, s3_bucket):
     """Checkpoints, history and aliases in S3; rank 0 fails once in epoch 2 and the restarted worker group resumes
     from epoch 1's checkpoint, which it reads back from S3."""
@@ -93,9 +100,7 @@ def test_worker_failure_in_epoch_2_is_recovered_from_checkpoints_in_s3(ray_clust
     assert epochs_reported(result) == [1, 2, 3]
     assert [row["epoch"] for row in raw_history(f"s3://{s3_bucket}/runs", "chaos")] == [1, 2, 3]  # once each
     # the failed attempt's resume copy and unuploaded checkpoint went with it, and the second attempt's at its end
-    left = [p.name for p in Path(tempfile.gettempdir()).iterdir()
-            if p.name.startswith((scratch_prefix(chaos, "worker"), scratch_prefix(chaos, "checkpoint")))]
-    assert left == []
+    assert scratch_left(chaos) == []
     assert result["checkpoint"].startswith(f"{run_uri}/")
     assert set(result["aliases"]) == {"best", "candidate"}
     for name, uri in result["aliases"].items():
@@ -103,13 +108,6 @@ def test_worker_failure_in_epoch_2_is_recovered_from_checkpoints_in_s3(ray_clust
         assert json.loads(storage.read_text(uri))["checkpoint"] == result["checkpoint"]
     evaluated = evaluate_checkpoint(result["checkpoint"], "val")
     assert evaluated["mAP"] == pytest.approx(result["metrics"]["val_mAP"], abs=1e-3)
-
-
-def scratch_left(job_config, rank=None):
-    """The names of the run's temporary directories in this node's /tmp: the worker scratch (resume copy, mask) of
-    ``rank`` (every rank's when None) and rank 0's checkpoint staging."""
-    prefixes = (scratch_prefix(job_config, "worker", rank), scratch_prefix(job_config, "checkpoint"))
-    return sorted(p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(prefixes))
 
 
 def test_rerun_with_the_same_name_resumes_at_the_next_epoch(ray_cluster, tmp_path):
